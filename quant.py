@@ -1,0 +1,179 @@
+"""Weight-only int8 / fp8 quantization of frozen Linear layers, applied while the checkpoint loads.
+
+LoRA training never updates the base weights, so they can be stored in 8 bits and expanded to the compute
+dtype one layer at a time, right before the matmul (weight-only quantization; LLM.int8() without the
+outlier path, and gpt-fast's `WeightOnlyInt8Linear`):
+
+    int8: s_o = max_i |W_oi| / 127,  q_oi = clamp(round(W_oi / s_o), -127, 127)   (symmetric, per output row)
+    fp8:  s_o = max_i |W_oi| / 448,  q_oi = e4m3(W_oi / s_o)                       (448 = largest e4m3 value)
+    y = (x @ q^T) * s + b      (q cast to x's dtype: exact, as int8 and e4m3 values fit bf16 / fp16)
+
+One scale per output channel makes each row use the full code range; int8 then has a rounding error of at most
+s_o / 2 per element, e4m3 a relative error of at most 2^-4 (3 mantissa bits) for normal values. The bias is
+kept as it came (gpt-fast silently drops it, which LongCat's biased projections cannot afford).
+
+Memory. A dequantized copy exists only transiently inside one layer. A plain `F.linear(x, q.to(dtype))`
+would make autograd save that copy for the backward pass, i.e. a bf16 copy of every weight across a
+training step; `_QuantLinearFn` saves the int8/fp8 tensor instead and dequantizes again in backward. Only
+the gradient w.r.t. the input is computed: the weight is a buffer and never trains.
+
+Streaming. `quantize_model` works on a model built on the `meta` device; each `QuantLinear` then quantizes a
+float `weight` the moment it arrives through `load_state_dict(..., assign=True)` (see
+`QuantLinear._load_from_state_dict`), on the tensor's own device, so the float checkpoint never sits in
+memory in full. Already quantized `weight` + `scale` pairs (our own `state_dict()`) load unchanged.
+
+Hooks for lora.py (duck typed, no import): `QuantLinear.dequantize() -> Tensor` returns the float32 weight
+and `QuantLinear.load_float_weight(w)` re-quantizes a float weight into the layer; LoRA merging is
+`load_float_weight(dequantize() + scale * B @ A)`.
+
+Mode names: "int8", "fp8", "none"; SimpleTuner's "int8-quanto", "fp8-torchao" and "no_change" are aliases.
+References: Dettmers et al. 2022, LLM.int8() (arXiv:2208.07339); Micikevicius et al. 2022, FP8 formats for
+deep learning (arXiv:2209.05433); pytorch-labs/gpt-fast quantize.py; karpathy/nanochat fp8.py.
+"""
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "fp8", "none")
+ALIASES = {"int8-quanto": "int8", "fp8-torchao": "fp8", "no_change": "none"}
+QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code: symmetric int8 range, largest finite e4m3 value
+DEFAULT_TARGETS = (r"^(single_)?transformer_blocks\.",)  # the block linears, 99% of the parameters
+# Qwen2.5-VL's decoder layers (attention and MLP linears; 7B of its 8.3B parameters), legacy or new names.
+TEXT_ENCODER_TARGETS = (r"layers\.\d+\.(self_attn|mlp)\.",)
+
+
+def normalize_mode(name: str) -> str:
+    """Canonical mode name ("int8", "fp8", "none") for a mode or one of its aliases."""
+    mode = ALIASES.get(name, name)
+    if mode not in MODES:
+        choices = ", ".join([*MODES, *ALIASES])
+        raise ValueError(f"unknown quantization mode {name!r}; choose one of: {choices}")
+    return mode
+
+
+def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale): per-output-row symmetric quantization of a float (out, in) weight, on w's device."""
+    w = w.detach().float()
+    absmax = w.abs().amax(dim=1)  # (out,)
+    scale = torch.where(absmax > 0, absmax / QMAX[mode], torch.ones_like(absmax))  # an all-zero row stays 0
+    w = w / scale[:, None]
+    if mode == "int8":
+        return w.round().clamp(-127, 127).to(torch.int8), scale
+    return w.clamp(-448, 448).to(torch.float8_e4m3fn), scale  # the cast rounds to nearest
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """y = (x @ q^T) * scale + bias; saves the quantized weight, not a dequantized copy, for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        y = F.linear(x, weight.to(x.dtype))  # under autocast this runs (and returns) in the autocast dtype
+        y = y * scale.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(weight, scale)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        grad_x = (grad_out * scale.to(grad_out.dtype)) @ weight.to(grad_out.dtype)  # (..., in)
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+
+class QuantLinear(nn.Module):
+    """Frozen Linear: int8 / fp8 `weight` buffer (out, in), float32 `scale` buffer (out,), frozen `bias`."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, mode: str = "int8", device=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.mode = in_features, out_features, normalize_mode(mode)
+        assert self.mode in QDTYPE, f"QuantLinear needs int8 or fp8, got {mode!r}"
+        # Buffers, not Parameters: frozen for free, yet still in state_dict() and moved by .to(device).
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=QDTYPE[self.mode], device=device)
+        )
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        b = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.register_parameter("bias", b)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, mode: str) -> "QuantLinear":
+        """Quantize an nn.Linear; on the meta device this only builds empty buffers for the loader to fill."""
+        w, b = linear.weight, linear.bias
+        q = cls(linear.in_features, linear.out_features, bias=b is not None, mode=mode, device=w.device)
+        if b is not None:
+            q.bias = nn.Parameter(b.detach(), requires_grad=False)  # keeps the bias's own dtype
+        if not w.is_meta:
+            q.load_float_weight(w)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantLinearFn.apply(x, self.weight, self.scale, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in) that the codes and scales represent."""
+        return self.weight.float() * self.scale[:, None]
+
+    def load_float_weight(self, w: torch.Tensor) -> None:
+        """Quantize a float weight (out, in) into this layer, on w's device."""
+        assert w.shape == (self.out_features, self.in_features), (tuple(w.shape), self)
+        self.weight, self.scale = quantize_weight(w, self.mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The loader hands us checkpoint tensors one at a time (weight and bias in separate calls): a float
+        # weight is quantized here, on its device, so only its int8/fp8 form outlives this call. A weight
+        # already in our code dtype (our own state_dict) is taken as it is, together with its scale.
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.dtype != self.weight.dtype:
+            if not w.is_floating_point():
+                raise ValueError(
+                    f"{prefix}weight: cannot load a {w.dtype} tensor into a {self.mode} QuantLinear"
+                )
+            state_dict[prefix + "weight"], state_dict[prefix + "scale"] = quantize_weight(w, self.mode)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating tensor, and e4m3 counts as floating: cast the codes back
+        # (exact, since every e4m3 value is representable in bf16/fp16/fp32) so the weight stays 8-bit.
+        super()._apply(fn, recurse)
+        if self.weight.dtype != QDTYPE[self.mode]:
+            self.weight = self.weight.to(QDTYPE[self.mode])
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+def quantize_model(model: nn.Module, mode: str, targets: list[str] | tuple[str, ...] | None = None) -> int:
+    """Replace every nn.Linear whose dotted name matches a `targets` regex (re.search) with a QuantLinear;
+    returns how many. Works on real weights and on a meta-device model still waiting for its checkpoint."""
+    mode = normalize_mode(mode)
+    if mode == "none":
+        return 0
+    patterns = [re.compile(t) for t in (DEFAULT_TARGETS if targets is None else targets)]
+    chosen = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(p.search(name) for p in patterns)
+    ]
+    for name in chosen:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, leaf, QuantLinear.from_linear(getattr(owner, leaf), mode))
+    return len(chosen)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (shared tensors counted once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,194 @@
+"""quant.py: int8 / fp8 weight-only linears, error bounds, autograd, streaming load. CPU, a few seconds.
+
+Run: python -m pytest tests/test_quant.py
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora import inject_lora, mark_only_lora_as_trainable, merge
+from quant import QuantLinear, normalize_mode, quantize_model, quantize_weight, weight_bytes
+
+
+class Block(nn.Module):
+    """A toy block carrying LongCat's module names (attn.to_q, attn.to_out.0, ff.net.0.proj, ff.net.2)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.to_q, self.attn.to_out = nn.Linear(d, d), nn.ModuleList([nn.Linear(d, d)])
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([nn.Module(), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d)])
+        self.ff.net[0].proj = nn.Linear(d, 4 * d)
+
+    def forward(self, x):
+        x = x + self.attn.to_out[0](F.gelu(self.attn.to_q(x)))
+        return x + self.ff.net[2](self.ff.net[1](self.ff.net[0].proj(x)))
+
+
+class Toy(nn.Module):
+    def __init__(self, d: int = 32, c: int = 16):
+        super().__init__()
+        self.x_embedder, self.proj_out = nn.Linear(c, d), nn.Linear(d, c)
+        self.transformer_blocks = nn.ModuleList([Block(d), Block(d)])
+        self.single_transformer_blocks = nn.ModuleList([Block(d)])
+
+    def forward(self, x):
+        x = self.x_embedder(x)
+        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+            x = block(x)
+        return self.proj_out(x)
+
+
+def linear(out_f=48, in_f=64, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight[3] = 0  # an all-zero row must not divide by zero
+        lin.weight[5, 7] = 4.0  # an outlier sets its row's scale
+    return lin
+
+
+def test_int8_error_at_most_half_a_step_per_row():
+    w = linear().weight.detach()
+    q, scale = quantize_weight(w, "int8")
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (q.float() * scale[:, None] - w).abs().amax(dim=1)
+    assert (err <= scale / 2 + 1e-6).all(), (err - scale / 2).max()
+    assert (q[3] == 0).all() and torch.isfinite(scale).all()
+
+
+def test_fp8_error_within_e4m3_rounding():
+    w = linear().weight.detach()
+    q, scale = quantize_weight(w, "fp8")
+    assert q.dtype == torch.float8_e4m3fn
+    err = (q.float() * scale[:, None] - w).abs()
+    # 3 mantissa bits: relative error <= 2^-4 for normal codes (|w / s| >= 2^-6); subnormal codes are
+    # spaced 2^-9 apart, so their absolute error is <= 2^-10 * s.
+    bound = torch.maximum(w.abs() * 2**-4, scale[:, None] * 2**-10) * (1 + 1e-5)
+    assert (err <= bound).all(), (err - bound).max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_forward_equals_linear_with_dequantized_weight(mode):
+    lin = linear()
+    q = QuantLinear.from_linear(copy.deepcopy(lin), mode)
+    x = torch.randn(2, 5, 64)
+    ref = F.linear(x, q.dequantize(), lin.bias)
+    torch.testing.assert_close(q(x), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_input_grad_equals_dequantized_linear_and_saves_no_float_weight(mode):
+    q = QuantLinear.from_linear(linear(), mode)
+    ref = nn.Linear(64, 48)
+    with torch.no_grad():
+        ref.weight.copy_(q.dequantize())
+        ref.bias.copy_(q.bias)
+    x1 = torch.randn(3, 64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y1 = q(x1)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    ref(x2).backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    assert all(t.dtype == q.weight.dtype or t.numel() <= 48 for t in saved), [t.dtype for t in saved]
+    assert q.weight.grad is None and not q.bias.requires_grad
+
+
+def test_lora_on_int8_base_trains():
+    torch.manual_seed(0)
+    model = Toy()
+    quantize_model(model, "int8")
+    inject_lora(model, rank=4, alpha=4)
+    mark_only_lora_as_trainable(model)
+    model(torch.randn(2, 7, 16)).square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".lora_" in n for n in grads)
+    # B starts at zero, so at the first step only B gets a nonzero gradient (A's is exactly zero)
+    assert all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_meta_build_then_streamed_load_equals_quantizing_loaded_model(mode):
+    torch.manual_seed(0)
+    dense = Toy()
+    with torch.device("meta"):
+        streamed = Toy()
+    assert quantize_model(streamed, mode) == 12
+    for name, tensor in dense.state_dict().items():  # one checkpoint tensor at a time, as the loader does
+        owner, _, leaf = name.rpartition(".")
+        streamed.get_submodule(owner).load_state_dict({leaf: tensor.clone()}, strict=False, assign=True)
+    direct = copy.deepcopy(dense)
+    assert quantize_model(direct, mode) == 12
+    assert not any(t.is_meta for t in [*streamed.parameters(), *streamed.buffers()])
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(streamed(x), direct(x), rtol=0, atol=0)
+    # our own quantized state dict reloads as it is
+    again = copy.deepcopy(streamed)
+    again.load_state_dict(direct.state_dict(), strict=True, assign=True)
+    assert torch.equal(again(x), direct(x))
+
+
+def test_default_targets_are_the_block_linears_only():
+    model = Toy()
+    assert quantize_model(model, "int8-quanto") == 12
+    assert type(model.x_embedder) is nn.Linear and type(model.proj_out) is nn.Linear
+    assert isinstance(model.single_transformer_blocks[0].ff.net[2], QuantLinear)
+    assert quantize_model(Toy(), "int8", targets=[r"attn\.to_q$"]) == 3
+    assert quantize_model(Toy(), "none") == 0
+
+
+def test_bias_kept_in_float32():
+    lin = linear()
+    q = QuantLinear.from_linear(copy.deepcopy(lin), "int8")
+    assert q.bias.dtype == torch.float32 and torch.equal(q.bias, lin.bias)
+    assert q.scale.dtype == torch.float32
+
+
+def test_int8_weight_bytes_about_half_of_bf16():
+    model = Toy(d=256)
+    bf16 = weight_bytes(copy.deepcopy(model).to(torch.bfloat16))
+    quantize_model(model, "int8")
+    quantized_part = weight_bytes(model.transformer_blocks) + weight_bytes(model.single_transformer_blocks)
+    dense_part = sum(p.numel() * 2 for n, p in Toy(d=256).named_parameters() if "transformer_blocks" in n)
+    ratio = quantized_part / dense_part  # int8 weight + float32 scale and bias per row, against bf16
+    assert 0.5 < ratio < 0.53, ratio
+    assert weight_bytes(model) < 0.6 * bf16
+
+
+def test_to_dtype_keeps_fp8_codes():
+    q = QuantLinear.from_linear(linear(), "fp8")
+    codes = q.weight.clone()
+    q.to(torch.bfloat16)
+    assert q.weight.dtype == torch.float8_e4m3fn and torch.equal(q.weight.float(), codes.float())
+
+
+def test_lora_merge_into_int8_equals_dequant_add_requant():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.attn = nn.Module()
+    model.attn.to_q = QuantLinear.from_linear(linear(), "int8")
+    inject_lora(model, rank=4, alpha=8, targets=["attn.to_q"])
+    layer = model.attn.to_q
+    nn.init.normal_(layer.lora_B.weight)
+    expected = QuantLinear.from_linear(linear(), "int8")
+    with torch.no_grad():  # scale = alpha / rank = 2
+        expected.load_float_weight(expected.dequantize() + 2.0 * (layer.lora_B.weight @ layer.lora_A.weight))
+    merge(model)
+    assert torch.equal(layer.base.weight, expected.weight) and torch.equal(layer.base.scale, expected.scale)
+
+
+def test_mode_aliases_and_unknown_names():
+    assert [normalize_mode(m) for m in ("int8-quanto", "fp8-torchao", "no_change")] == ["int8", "fp8", "none"]
+    with pytest.raises(ValueError, match="'int4'"):
+        normalize_mode("int4")
+    with pytest.raises(ValueError, match="'nf4'"):
+        quantize_model(Toy(), "nf4")
