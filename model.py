@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -541,7 +540,8 @@ def shift_mu(seq_len: int, sched: dict) -> float:
 
 def time_shift(mu: float, sigma: torch.Tensor) -> torch.Tensor:
     """Exponential time shift: logit(sigma') = logit(sigma) + mu."""
-    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+    e = torch.tensor(math.exp(mu), dtype=sigma.dtype)  # a tensor: torch's `float / tensor` rounds differently
+    return e / (e + (1 / sigma - 1))
 
 
 def schedule(steps: int, seq_len: int, sched: dict) -> torch.Tensor:
@@ -708,8 +708,10 @@ class TextEncoder:
         extra = {k: v.to(dev) for k, v in extra.items()}
         if "pixel_values" in extra:
             extra["pixel_values"] = extra["pixel_values"].to(next(self.model.parameters()).dtype)
-        out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra)
-        return out.hidden_states[-1][:, start : -len(suffix)]
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, **extra
+        ).last_hidden_state  # after the final norm
+        return out[:, start : -len(suffix)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -776,37 +778,60 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
+    "U8": torch.uint8,
+}  # fmt: skip
+
+
+def read_header(file: Path) -> dict:
+    """A safetensors file's table {name: {dtype, shape, data_offsets}}: an 8-byte length, then JSON."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    for info in header.values():
+        info["data_offsets"] = [o + 8 + n for o in info["data_offsets"]]  # absolute positions in the file
+    return header
+
+
+def read_tensor(fh, info: dict) -> torch.Tensor:
+    """One tensor by a plain read (no mmap: only the copies we keep count toward resident memory)."""
+    start, end = info["data_offsets"]
+    fh.seek(start)
+    buf = bytearray(end - start)
+    fh.readinto(buf)
+    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    return t.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, convert=None) -> nn.Module:
     """Fill a meta-device model from a folder of safetensors, strictly (every name and shape must match),
     one tensor at a time so peak memory stays at the model's size. `convert(model)` may swap modules first
     (quantization): their `_load_from_state_dict` then sees each float tensor as it arrives."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    files, seen = weight_files(folder), {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                seen[name] = (tuple(st.get_slice(name).get_shape()), f)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    seen = {name: (info, f) for f in weight_files(folder) for name, info in read_header(f).items()}
     for name, shape in expected.items():
         if name not in seen:
-            raise CheckpointError(f"{folder}: tensor {name} {list(shape)} is missing from the checkpoint")
-        if seen[name][0] != shape:
-            raise CheckpointError(
-                f"{seen[name][1]}: tensor {name} has shape {list(seen[name][0])}, expected {list(shape)}"
-            )
-    extra = sorted(set(seen) - set(expected))
-    if extra:
+            raise CheckpointError(f"{folder}: tensor {name} {shape} is missing from the checkpoint")
+        if seen[name][0]["shape"] != shape:
+            got = seen[name][0]["shape"]
+            raise CheckpointError(f"{seen[name][1]}: tensor {name} has shape {got}, expected {shape}")
+    if extra := sorted(set(seen) - set(expected)):
         raise CheckpointError(
             f"{seen[extra[0]][1]}: unexpected tensor {extra[0]} (a different model or config?)"
         )
     if convert is not None:
         convert(model)
-    for f in files:
-        with safe_open(str(f), "pt", device=str(device)) as st:
-            for name in st.keys():
-                t = st.get_tensor(name)
+    for f in weight_files(folder):
+        with open(f, "rb") as fh:
+            for name, info in read_header(f).items():
+                t = read_tensor(fh, info).to(device)
                 t = t.to(dtype) if t.is_floating_point() else t
                 owner, _, leaf = name.rpartition(".")
                 model.get_submodule(owner).load_state_dict({leaf: t}, strict=False, assign=True)
+                del t  # the module now holds it (or its quantized copy)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     assert not left, f"not loaded: {left[:3]}"
     return model.eval().requires_grad_(False)
@@ -826,9 +851,10 @@ def load_vae(path: Path, dtype=torch.float32, device="cpu") -> VAE:
     return load_weights(model, Path(path) / "vae", dtype, device)
 
 
-def load_text_encoder(path: Path, dtype=torch.bfloat16, device="cpu") -> TextEncoder:
-    """Qwen2.5-VL from text_encoder/ (transformers maps legacy and new tensor names), its tokenizer (right
-    padding, as the pipelines assume) and image processor (PIL backend: no torchvision needed)."""
+def load_text_encoder(path: Path, dtype=torch.bfloat16, device="cpu", convert=None) -> TextEncoder:
+    """Qwen2.5-VL from text_encoder/ (transformers maps legacy and new tensor names) without its LM head (only
+    the hidden states are used), its tokenizer (right padding, as the pipelines assume) and image processor
+    (the PIL backend: no torchvision needed). `convert(model)` (quantization) runs on the CPU first."""
     import transformers
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -836,21 +862,25 @@ def load_text_encoder(path: Path, dtype=torch.bfloat16, device="cpu") -> TextEnc
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     tokenizer.padding_side = "right"
     proc_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    proc_dir = next(
-        (
-            d
-            for d in ("text_processor", "tokenizer", "text_encoder")
-            if (path / d / "preprocessor_config.json").exists()
-        ),
-        None,
-    )
-    if proc_dir is None:
+    dirs = [
+        d
+        for d in ("text_processor", "tokenizer", "text_encoder")
+        if (path / d / "preprocessor_config.json").exists()
+    ]
+    if not dirs:
         raise CheckpointError(f"{path}: text_processor/preprocessor_config.json is missing")
-    image_processor = proc_cls.from_pretrained(path / proc_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path / "text_encoder", dtype=dtype, device_map=str(device)
+    where = "cpu" if convert is not None else str(device)
+    full = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path / "text_encoder", dtype=dtype, device_map=where
     )
-    return TextEncoder(model.eval().requires_grad_(False), tokenizer, image_processor)
+    backbone = full.model  # (1 GB of lm_head in the released model is never used)
+    del full
+    if convert is not None:
+        convert(backbone)
+        backbone.to(device)
+    return TextEncoder(
+        backbone.eval().requires_grad_(False), tokenizer, proc_cls.from_pretrained(path / dirs[0])
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

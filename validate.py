@@ -89,6 +89,19 @@ def free(*_):
         torch.cuda.empty_cache()
 
 
+def quantizer(mode: str, flag: str, targets: str):
+    """The `convert` hook that quantizes a model while it loads, or None for full precision."""
+    import quant
+
+    try:
+        mode = quant.normalize_mode(mode)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if mode == "none":
+        return None
+    return lambda m: quant.quantize_model(m, mode, targets=getattr(quant, targets))
+
+
 def run(args: argparse.Namespace) -> Path:
     from PIL import Image, UnidentifiedImageError
 
@@ -118,11 +131,8 @@ def run(args: argparse.Namespace) -> Path:
     use_cfg = args.guidance > 1
 
     # Stage 1: the prompts (the negative prompt sees the same reference image).
-    te = M.load_text_encoder(path, dtype, device)
-    if args.text_encoder_quant != "none":
-        import quant
-
-        quant.quantize_model(te.model, args.text_encoder_quant, targets=quant.TEXT_ENCODER_TARGETS)
+    te_convert = quantizer(args.text_encoder_quant, "--text-encoder-quant", "TEXT_ENCODER_TARGETS")
+    te = M.load_text_encoder(path, dtype, device, convert=te_convert)
     txt = te.encode(args.prompt, ref)
     neg = te.encode(args.negative_prompt, ref) if use_cfg else None
     del te
@@ -131,17 +141,16 @@ def run(args: argparse.Namespace) -> Path:
     # Stage 2: the reference latent, then the transformer denoises.
     vae = M.load_vae(path, dtype, device)
     ref_latent = M.to_latent(vae, M.pil_to_tensor(ref).to(device)) if ref is not None else None
-    convert = None
-    if args.quant != "none":
-        import quant
-
-        convert = lambda m: quant.quantize_model(m, args.quant)
-    transformer = M.load_transformer(path, dtype, device, convert=convert)
+    transformer = M.load_transformer(
+        path, dtype, device, convert=quantizer(args.quant, "--quant", "DEFAULT_TARGETS")
+    )
     if args.lora:
         import lora
 
-        for f in args.lora:
+        for f in args.lora:  # each file is merged in, so several LoRAs (of any ranks) stack
             lora.load_lora(transformer, f, scale=args.lora_scale)
+            if len(args.lora) > 1:
+                lora.merge_and_unload(transformer)
     # The edit pipeline draws its noise in the model dtype, the t2i pipeline in float32.
     noise = M.initial_noise(args.seed, height, width, dtype, None if ref is not None else torch.float32).to(
         device

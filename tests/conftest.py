@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random LongCat checkpoints in the released folder layout, and diffusers' pipelines
+built on the same files (diffusers is the oracle; it is never imported by minicat itself)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import model as M  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_edit(tmp_path_factory) -> Path:
+    return M.write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-edit", "edit", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i(tmp_path_factory) -> Path:
+    return M.write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-t2i", "t2i", seed=1)
+
+
+class VLProcessor:
+    """Stands in for Qwen2VLProcessor (which needs torchvision); the pipelines use only .image_processor."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+
+def diffusers_pipeline(path: Path, dtype=None):
+    """diffusers' LongCatImageEditPipeline / LongCatImagePipeline on the files of a checkpoint folder."""
+    import torch
+    import transformers
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        LongCatImageEditPipeline,
+        LongCatImagePipeline,
+        LongCatImageTransformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    dtype = dtype or torch.float32
+    proc = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    cls = LongCatImageEditPipeline if M.read_flavour(path) == "edit" else LongCatImagePipeline
+    return cls(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=dtype),
+        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        text_processor=VLProcessor(proc.from_pretrained(path / "text_processor")),
+        transformer=LongCatImageTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype
+        ),
+    )
+
+
+def psnr(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def run_script(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+    """Run one of minicat's scripts as a user would; returns the finished process (output captured)."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
