@@ -1,0 +1,490 @@
+"""data.py as a specification: pairing and config errors name every offender, odd images become sensible RGB,
+pairs share their target's bucket, caches are reused exactly when nothing they depend on changed, and the
+loader is deterministic, resumable and splits cleanly across ranks. Small generated images, fake encoders."""
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+RES, ALIGN = 64, 16  # buckets (48, 96), (48, 80), (64, 64), (80, 48), (96, 48): tiny, but both ways
+
+
+def save_image(path: Path, size=(64, 64), seed=0, **kw) -> Path:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)  # (H, W, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path, **kw)
+    return path
+
+
+class Encoders:
+    """Deterministic stand-ins that count their calls. Latent: the image average-pooled 8x, channels repeated
+    to 16. Text: random from a hash of (prompt, reference pixels), longer for a bigger reference (as Qwen)."""
+
+    def __init__(self):
+        self.latent_calls, self.text_calls = 0, 0
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        self.latent_calls += 1
+        assert x.dtype == torch.float32 and x.shape[:2] == (1, 3) and -1 <= x.min() and x.max() <= 1
+        return F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]  # (1, 16, H/8, W/8)
+
+    def text(self, prompt: str, ref: Image.Image | None) -> torch.Tensor:
+        self.text_calls += 1
+        key = prompt.encode() + (ref.tobytes() + bytes(str(ref.size), "ascii") if ref else b"")
+        g = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:8], 16))
+        length = 4 if ref is None else 4 + ref.width * ref.height // 512
+        return torch.randn(1, length, 8, generator=g)
+
+
+def edit_config(tmp: Path, targets: dict, refs: dict | None = None, **extra) -> list[dict]:
+    """An edit set `edit/` paired with `ref/`: targets and refs map file names to sizes."""
+    for i, (name, size) in enumerate(targets.items()):
+        save_image(tmp / "edit" / name, size, seed=i)
+        (tmp / "edit" / name).with_suffix(".txt").write_text(f"make {Path(name).stem} blue\nrecolour it")
+    for i, (name, size) in enumerate((refs if refs is not None else targets).items()):
+        save_image(tmp / "ref" / name, size, seed=100 + i)
+    edits = {"id": "edits", "type": "local", "instance_data_dir": str(tmp / "edit"), "resolution": RES,
+             "caption_strategy": "textfile", "cache_dir_vae": str(tmp / "cache/vae/edit"),
+             "conditioning_data": ["refs"], **extra}  # fmt: skip
+    refs = {"id": "refs", "type": "local", "instance_data_dir": str(tmp / "ref"), "resolution": RES,
+            "cache_dir_vae": str(tmp / "cache/vae/ref")}  # fmt: skip
+    return [edits, refs]
+
+
+def parse(cfg: list[dict], tmp: Path) -> list[data.DatasetConfig]:
+    return data.parse_datasets(cfg, tmp, ALIGN)
+
+
+def build(cfg, tmp, enc=None, model_id="model-a"):
+    enc = enc or Encoders()
+    return data.build_caches(parse(cfg, tmp), enc.latents, enc.text, model_id, "float32", progress=False), enc
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def errors(excinfo) -> str:
+    return "\n".join(excinfo.value.problems)
+
+
+MIXED = {"wide.png": (120, 60), "tall.jpg": (50, 100), "square.webp": (70, 70)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Buckets and images
+
+
+def test_buckets_are_aligned_area_matched_and_within_aspect_limits():
+    for res, align in [(RES, ALIGN), (768, 64), (1024, 64)]:
+        buckets = data.make_buckets(res, align)
+        assert (res, res) in buckets
+        for w, h in buckets:
+            assert w % align == 0 and h % align == 0 and 0.5 <= w / h <= 2, (w, h)
+            assert abs(w * h - res * res) <= align * max(w, h), (w, h)  # one grid step of error at most
+            assert (h, w) in buckets  # portrait and landscape alike
+    buckets = data.make_buckets(1024, 64)
+    assert data.nearest_bucket((3000, 2000), buckets)[0] > data.nearest_bucket((3000, 2000), buckets)[1]
+    assert data.nearest_bucket((2000, 3000), buckets)[0] < data.nearest_bucket((2000, 3000), buckets)[1]
+    assert data.nearest_bucket((5000, 100), buckets) == max(buckets, key=lambda b: b[0] / b[1])
+
+
+def test_pairs_take_the_target_bucket_and_references_fit_it_without_swapping(tmp_path):
+    refs = {"wide.png": (40, 90), "tall.jpg": (100, 50), "square.webp": (30, 60)}  # other shapes on purpose
+    report, _ = build(edit_config(tmp_path, MIXED, refs), tmp_path)
+    buckets = {s.target.name: s.bucket for s in report.samples}
+    assert buckets["wide.png"][0] > buckets["wide.png"][1] and buckets["tall.jpg"][0] < buckets["tall.jpg"][1]
+    assert buckets["square.webp"] == (RES, RES)
+    for s in report.samples:
+        w, h = s.bucket
+        for key in ("target", "reference"):
+            z = data.load_file(s.entries[key])["latent"]
+            assert z.shape == (16, h // 8, w // 8) and z.dtype == torch.float32, (key, z.shape, s.bucket)
+
+
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [
+        ("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # fully transparent -> white, not the hidden colour
+        ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+        ("LA", (0, 0), (255, 255, 255)),
+        ("L", 128, (128, 128, 128)),
+        ("I;16", 65535, (255, 255, 255)),  # 16-bit white stays white (a plain convert would clip wrongly)
+        ("I;16", 32896, (128, 128, 128)),
+        ("P", 3, None),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+    ],
+)
+def test_any_mode_becomes_sensible_rgb(tmp_path, mode, value, expected):
+    if mode == "I;16":
+        img = Image.fromarray(np.full((8, 8), value, np.uint16))
+    else:
+        img = Image.new(mode, (8, 8), value)
+    if mode == "P":
+        img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+        expected = (0, 0, 255)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    img.save(path)
+    rgb = data.load_rgb(path)
+    assert rgb.mode == "RGB" and rgb.size == (8, 8)
+    assert np.abs(np.asarray(rgb, dtype=int) - np.array(expected)).max() <= 2, np.asarray(rgb)[0, 0]
+
+
+def test_exif_rotation_is_applied_before_bucketing(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated 90° -> portrait
+    save_image(tmp_path / "edit/rot.jpg", (96, 48), exif=exif.tobytes())
+    save_image(tmp_path / "edit/plain.jpg", (96, 48))
+    cfg = edit_config(tmp_path, {}, {"rot.png": (64, 64), "plain.png": (64, 64)})
+    for name in ("rot", "plain"):
+        (tmp_path / f"edit/{name}.txt").write_text("x")
+    samples = {s.target.name: s for s in data.scan(parse(cfg, tmp_path))}
+    assert samples["rot.jpg"].size == (48, 96) and samples["rot.jpg"].bucket == (48, 96)
+    assert samples["plain.jpg"].size == (96, 48) and samples["plain.jpg"].bucket == (96, 48)
+    assert data.load_rgb(tmp_path / "edit/rot.jpg").size == (48, 96)
+
+
+def test_truncated_and_unreadable_images_are_all_named(tmp_path):
+    cfg = edit_config(tmp_path, {"a.jpg": (64, 64), "b.png": (64, 64), "c.png": (64, 64), "ok.png": (64, 64)})
+    for name in ("a.jpg", "b.png"):
+        blob = (tmp_path / "edit" / name).read_bytes()
+        (tmp_path / "edit" / name).write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "ref/c.png").write_bytes(b"not an image at all")
+    enc = Encoders()
+    with pytest.raises(data.DataError) as e:
+        data.build_caches(parse(cfg, tmp_path), enc.latents, enc.text, "m", "float32", progress=False)
+    msg = errors(e)
+    assert "a.jpg" in msg and "b.png" in msg and "ref/c.png" in msg and "ok.png" not in msg, msg
+    assert enc.latent_calls == enc.text_calls == 0
+
+
+def test_truncated_files_fail_even_if_another_library_allowed_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    save_image(tmp_path / "full.jpg", (64, 64))
+    (tmp_path / "t.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:-300])
+    with pytest.raises(data.DataError, match="t.jpg: cannot read image"):
+        data.load_rgb(tmp_path / "t.jpg")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size and holds no pixels: opening it reads the header only."""
+    chunk = lambda body: struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(b"IDAT") + chunk(b"IEND")
+
+
+@pytest.mark.parametrize("size", [(9000, 9000), (30000, 30000)])  # ours, then Pillow's bomb limit too
+def test_oversized_images_are_refused_before_decoding(tmp_path, size):
+    (tmp_path / "big.png").write_bytes(png_header(*size))
+    with pytest.raises(data.DataError, match="big.png: cannot read image"):
+        data.load_rgb(tmp_path / "big.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config and pairing errors
+
+
+def test_all_orphans_are_listed_in_one_message(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64), "c.png": (64, 64), "d.png": (64, 64)},
+                      {"b.jpg": (64, 64)})  # fmt: skip
+    with pytest.raises(data.DataError) as e:
+        data.scan(parse(cfg, tmp_path))
+    (line,) = e.value.problems
+    assert all(n in line for n in ("a.png", "c.png", "d.png")) and "b.png" not in line, line
+
+
+def test_all_missing_captions_are_listed(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64), "c.png": (64, 64)})
+    (tmp_path / "edit/a.txt").unlink()
+    (tmp_path / "edit/c.txt").write_text("  \n")
+    with pytest.raises(data.DataError) as e:
+        data.scan(parse(cfg, tmp_path))
+    (line,) = e.value.problems
+    assert "a.png" in line and "c.png" in line and "b.png" not in line, line
+
+
+def test_unknown_key_names_it_and_the_closest_valid_one(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})
+    cfg[0]["instance_data_dirr"] = "x"
+    cfg[1]["cache_dir"] = "y"
+    with pytest.raises(data.DataError) as e:
+        parse(cfg, tmp_path)
+    assert "unknown key 'instance_data_dirr' (did you mean 'instance_data_dir'?)" in errors(e)
+    assert "unknown key 'cache_dir' (did you mean 'cache_dir_vae'?)" in errors(e)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"conditioning_data": ["ref"]}, "conditioning_data: no dataset 'ref' (did you mean 'refs'?)"),
+        ({"resolution": "768"}, "resolution should be int, got '768'"),
+        ({"repeats": True}, "repeats should be int"),
+        ({"type": "aws"}, "type = 'aws' is not supported"),
+        ({"caption_strategy": None}, "needs a caption_strategy"),  # JSON null = unset
+    ],
+)
+def test_bad_values_are_named(tmp_path, change, message):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})
+    cfg[0].update(change)
+    with pytest.raises(data.DataError) as e:
+        parse(cfg, tmp_path)
+    assert len(e.value.problems) == 1 and "dataset 'edits'" in errors(e), errors(e)
+    assert message is None or message in errors(e), errors(e)
+
+
+def test_missing_and_empty_folders_are_named(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})
+    for p in (tmp_path / "ref").iterdir():
+        p.unlink()
+    cfg[0]["instance_data_dir"] = str(tmp_path / "nope")
+    with pytest.raises(data.DataError) as e:
+        data.scan(parse(cfg, tmp_path))
+    assert "nope is not a folder" in errors(e) and f"in {tmp_path / 'ref'}" in errors(e), errors(e)
+
+
+def test_cache_inside_an_image_folder_is_refused(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})
+    cfg[0]["cache_dir_vae"] = str(tmp_path / "ref/cache")
+    with pytest.raises(data.DataError, match="inside the images of 'refs'"):
+        parse(cfg, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caches
+
+
+def test_second_run_reuses_everything_and_writes_nothing(tmp_path):
+    cfg = edit_config(tmp_path, MIXED)
+    first, enc = build(cfg, tmp_path)
+    assert first.hits == 0 and enc.latent_calls == 6 and enc.text_calls == 9  # 3 x (2 captions + empty)
+    before = mtimes(tmp_path / "cache")
+    second, enc = build(cfg, tmp_path)
+    assert second.hits == first.misses == 15 and second.misses == 0
+    assert enc.latent_calls == enc.text_calls == 0
+    assert mtimes(tmp_path / "cache") == before
+
+
+def test_changed_image_or_caption_refreshes_only_its_entries(tmp_path):
+    cfg = edit_config(tmp_path, MIXED)
+    build(cfg, tmp_path)
+    changes = [
+        (lambda: save_image(tmp_path / "edit/tall.jpg", (50, 100), seed=999), (1, 0)),  # target: its latent
+        (lambda: save_image(tmp_path / "ref/wide.png", (120, 60), seed=999), (1, 3)),  # ref: latent + 3 texts
+        (lambda: (tmp_path / "edit/square.txt").write_text("make it red\nrecolour it"), (0, 1)),  # one text
+    ]
+    for change, (latents, texts) in changes:
+        before = mtimes(tmp_path / "cache")
+        change()
+        report, enc = build(cfg, tmp_path)
+        assert (enc.latent_calls, enc.text_calls, report.misses) == (latents, texts, latents + texts)
+        after = mtimes(tmp_path / "cache")
+        assert len(set(after) - set(before)) == latents + texts and all(
+            after[p] == t for p, t in before.items()
+        )
+
+
+def test_changed_bucket_or_model_is_a_miss(tmp_path):
+    cfg = edit_config(tmp_path, MIXED)
+    build(cfg, tmp_path)
+    report, enc = build(cfg, tmp_path, model_id="model-b")
+    assert report.hits == 0 and enc.latent_calls == 6
+    cfg[0]["resolution"] = 96
+    report, enc = build(cfg, tmp_path)
+    assert report.hits == 0 and enc.latent_calls == 6 and enc.text_calls == 9
+    assert all(s.bucket in data.make_buckets(96, ALIGN) for s in report.samples)
+
+
+def test_t2i_text_is_keyed_by_instruction_only(tmp_path):
+    save_image(tmp_path / "imgs/a.png", (64, 64))
+    save_image(tmp_path / "imgs/b.png", (120, 60), seed=1)
+    cfg = [{"id": "t2i", "instance_data_dir": "imgs", "caption_strategy": "instanceprompt",
+            "instance_prompt": "a photo of sks", "resolution": RES, "cache_dir_vae": "cache"}]  # fmt: skip
+    report, enc = build(cfg, tmp_path)
+    assert enc.text_calls == 2 and enc.latent_calls == 2  # "a photo of sks" and "", shared by both images
+    assert report.samples[0].entries["texts"] == report.samples[1].entries["texts"]
+    batch = next(iter(data.Loader(report.samples, seed=0)))
+    assert batch["reference"] is None and batch["text"].shape == (1, 4, 8)
+
+
+def test_interrupted_write_is_remade_and_tmp_files_ignored(tmp_path):
+    cfg = edit_config(tmp_path, MIXED)
+    report, _ = build(cfg, tmp_path)
+    victim = report.samples[0].entries["target"]
+    victim.write_bytes(victim.read_bytes()[:50])  # what a crash mid-write without os.replace could leave
+    stray = victim.with_name(victim.name + ".tmp-999")
+    stray.write_bytes(b"half")
+    report, enc = build(cfg, tmp_path)
+    assert report.misses == 1 and enc.latent_calls == 1 and enc.text_calls == 0
+    assert data.load_file(victim)["latent"].shape[0] == 16 and stray.read_bytes() == b"half"
+
+
+def test_dataset_folders_are_never_written(tmp_path):
+    cfg = edit_config(tmp_path, MIXED)
+
+    def fingerprint():
+        files = sorted(p for d in ("edit", "ref") for p in (tmp_path / d).rglob("*"))
+        return [(str(p), p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
+
+    before = fingerprint()
+    build(cfg, tmp_path)
+    build(cfg, tmp_path)
+    assert fingerprint() == before
+
+
+def test_entries_carry_their_source_and_bucket(tmp_path):
+    report, _ = build(edit_config(tmp_path, {"wide.png": (120, 60)}), tmp_path)
+    s = report.samples[0]
+    with data.safe_open(s.entries["reference"], "pt") as f:
+        meta = f.metadata()
+    assert meta["source"].endswith("ref/wide.png") and meta["bucket"] == "96x48"
+
+
+def test_check_only_mode_refuses_missing_entries(tmp_path):
+    cfg = edit_config(tmp_path, MIXED)
+    with pytest.raises(data.DataError, match="python data.py"):
+        data.build_caches(parse(cfg, tmp_path), None, None, "m", "float32", progress=False)
+    build(cfg, tmp_path, model_id="m")
+    assert data.build_caches(parse(cfg, tmp_path), None, None, "m", "float32", progress=False).misses == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loader
+
+
+def loader_samples(tmp_path, n=10, **extra):
+    sizes = [(120, 60), (50, 100), (70, 70)]
+    names = {f"{i:02d}.png": sizes[i % 3] for i in range(n)}
+    report, _ = build(edit_config(tmp_path, names, **extra), tmp_path)
+    return report.samples
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_loader_is_deterministic_and_batches_share_a_bucket(tmp_path):
+    samples = loader_samples(tmp_path, n=12)
+    a, b = data.Loader(samples, batch_size=2, seed=1), data.Loader(samples, batch_size=2, seed=1)
+    assert len(a) == 6  # 4 per bucket: 2 full batches each
+    first = take(a, 12)  # two epochs
+    assert [x["files"] for x in first] == [x["files"] for x in take(b, 12)]
+    other = take(data.Loader(samples, batch_size=2, seed=2), 12)
+    assert [x["files"] for x in first] != [x["files"] for x in other]
+    for batch in first:
+        w, h = batch["bucket"]
+        assert batch["target"].shape == batch["reference"].shape == (2, 16, h // 8, w // 8)
+        assert batch["text"].shape == batch["text_empty"].shape and batch["text"].shape[0] == 2
+    assert sorted(f for x in first[:6] for f in x["files"]) == sorted(str(s.target) for s in samples)
+
+
+def test_loader_drops_incomplete_batches_and_honours_repeats(tmp_path):
+    samples = loader_samples(tmp_path, n=5, repeats=2)  # buckets of 2, 2, 1 samples, each 3 times per epoch
+    assert len(data.Loader(samples, batch_size=1)) == 15
+    assert len(data.Loader(samples, batch_size=4)) == 2  # 6, 6, 3 items -> 1 + 1 + 0 batches
+    epoch = [f for x in take(data.Loader(samples, batch_size=1, seed=0), 15) for f in x["files"]]
+    assert all(epoch.count(str(s.target)) == 3 for s in samples)
+    with pytest.raises(data.DataError, match="no bucket fills a batch"):
+        data.Loader(samples[:1], batch_size=4)
+
+
+def test_loader_resumes_mid_epoch_exactly(tmp_path):
+    samples = loader_samples(tmp_path, n=9)
+    straight = take(data.Loader(samples, batch_size=1, seed=3), 20)  # 9 per epoch: crosses two epochs
+    first = data.Loader(samples, batch_size=1, seed=3)
+    it = iter(first)
+    [next(it) for _ in range(7)]
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = data.Loader(samples, batch_size=1, seed=3)
+    resumed.load_state_dict(state)
+    rest = take(resumed, 13)
+    assert [x["files"] for x in rest] == [x["files"] for x in straight[7:]]
+    assert all(torch.equal(x["text"], y["text"]) for x, y in zip(rest, straight[7:], strict=True))
+
+
+def test_ranks_get_disjoint_slices_of_the_same_bucket(tmp_path):
+    samples = loader_samples(tmp_path, n=12)
+    r0, r1 = (data.Loader(samples, batch_size=2, seed=5, rank=r, world_size=2) for r in (0, 1))
+    assert len(r0) == len(r1) == 3  # 4 per bucket: one global batch of 4 each
+    seen = []
+    for a, b in zip(take(r0, 3), take(r1, 3), strict=True):
+        assert a["bucket"] == b["bucket"] and not set(a["files"]) & set(b["files"])
+        seen += a["files"] + b["files"]
+    assert sorted(seen) == sorted(str(s.target) for s in samples)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def write_toml(tmp_path: Path, cfg: list[dict], extra: str = "") -> Path:
+    lines = [extra]
+    for d in cfg:
+        lines.append("[[datasets]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in d.items()]
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("problem", ["orphan", "truncated", "unknown key", "bad toml"])
+def test_cli_reports_problems_in_one_line_each(tmp_path, capsys, problem):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)})
+    if problem == "orphan":
+        (tmp_path / "ref/b.png").unlink()
+    if problem == "truncated":
+        blob = (tmp_path / "ref/a.png").read_bytes()
+        (tmp_path / "ref/a.png").write_bytes(blob[:-200])
+    if problem == "unknown key":
+        cfg[0]["captionstrategy"] = "textfile"
+    config = write_toml(tmp_path, cfg, 'pretrained_model_name_or_path = "/nonexistent/checkpoint"')
+    if problem == "bad toml":
+        config.write_text(config.read_text() + "resolution = = 3\n")
+    assert data.main([str(config)]) != 0  # returns: no exception escaped
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    expected = {"orphan": "b.png", "truncated": "a.png", "unknown key": "caption_strategy", "bad toml": "at"}
+    assert expected[problem] in lines[0], lines[0]
+    assert not (tmp_path / "cache").exists()  # checked before any model or cache work
+
+
+def test_cli_process_exits_non_zero_without_a_traceback(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)})
+    (tmp_path / "ref/b.png").unlink()
+    script = Path(__file__).resolve().parents[1] / "data.py"
+    cmd = [sys.executable, str(script), str(write_toml(tmp_path, cfg))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and "b.png" in out.stderr
+
+
+def test_cli_builds_with_a_tiny_checkpoint_then_reuses_everything(tmp_path, capsys):
+    model = pytest.importorskip("model")
+    model.write_tiny_checkpoint(tmp_path / "ckpt", "edit")
+    cfg = edit_config(tmp_path, {"a.png": (128, 64), "b.png": (64, 128)}, resolution=96)
+    cfg[1]["resolution"] = 96
+    config = write_toml(tmp_path, cfg, 'pretrained_model_name_or_path = "ckpt"\naspect_bucket_alignment = 32')
+    for expected in ("0 reused, 10 written", "10 reused, 0 written"):  # 2 x (2 latents, 2 captions, "")
+        capsys.readouterr()
+        assert data.main([str(config)]) == 0
+        out = capsys.readouterr()
+        assert expected in out.out, out.err[-2000:]
+    model_id = data.model_identity(tmp_path / "ckpt")
+    report = data.build_caches(parse(cfg, tmp_path), None, None, model_id, "float32", progress=False)
+    batch = next(iter(data.Loader(report.samples, seed=0)))
+    w, h = batch["bucket"]
+    assert batch["target"].shape == batch["reference"].shape == (1, 16, h // 8, w // 8)
+    assert batch["text"].shape == batch["text_empty"].shape and batch["text"].shape[1] > 512
