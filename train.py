@@ -460,7 +460,8 @@ def validation_inputs(cfg, cfg_dir, samples, flavour, te, vae, device, dtype) ->
     return val
 
 
-def train(cfg: Config, cfg_dir: Path) -> Path:
+def train(cfg: Config, cfg_dir: Path) -> torch.nn.Module:
+    """The whole run; returns the transformer with its trained LoRA (on every rank)."""
     rank, world, device = setup_distributed()
     device = device or torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -572,7 +573,7 @@ def train(cfg: Config, cfg_dir: Path) -> Path:
         print(
             f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {step}); loss curve {out / 'loss.png'}"
         )
-    return out
+    return transformer
 
 
 def main(argv: list[str] | None = None) -> None:
