@@ -56,14 +56,18 @@ def normalize_mode(name: str) -> str:
 
 
 def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scale): per-output-row symmetric quantization of a float (out, in) weight, on w's device."""
-    w = w.detach().float()
-    absmax = w.abs().amax(dim=1)  # (out,)
+    """(codes, scale): per-output-row symmetric quantization of a float (out, in) weight, on w's device.
+    The float32 work is done 16M elements at a time, so its temporary never exceeds 64 MB however large
+    the weight (the loader's peak memory stays near the quantized size)."""
+    absmax = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).float()  # (out,), in w's dtype: exact, no copy
     scale = torch.where(absmax > 0, absmax / QMAX[mode], torch.ones_like(absmax))  # an all-zero row stays 0
-    w = w / scale[:, None]
-    if mode == "int8":
-        return w.round().clamp(-127, 127).to(torch.int8), scale
-    return w.clamp(-448, 448).to(torch.float8_e4m3fn), scale  # the cast rounds to nearest
+    codes = torch.empty(w.shape, dtype=QDTYPE[mode], device=w.device)
+    step = max(1, (1 << 24) // max(1, w.shape[1]))  # rows per block
+    for i in range(0, w.shape[0], step):
+        block = w[i : i + step].to(torch.float32, copy=True).div_(scale[i : i + step, None])  # (rows, in)
+        block = block.round_().clamp_(-127, 127) if mode == "int8" else block.clamp_(-448, 448)
+        codes[i : i + step] = block.to(codes.dtype)  # the fp8 cast rounds to nearest
+    return codes, scale
 
 
 class _QuantLinearFn(torch.autograd.Function):
