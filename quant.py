@@ -55,6 +55,7 @@ def normalize_mode(name: str) -> str:
     return mode
 
 
+@torch.no_grad()
 def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scale): per-output-row symmetric quantization of a float (out, in) weight, on w's device.
     The float32 work is done 16M elements at a time, so its temporary never exceeds 64 MB however large
@@ -75,7 +76,11 @@ class _QuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
-        y = F.linear(x, weight.to(x.dtype))  # under autocast this runs (and returns) in the autocast dtype
+        # Dequantize straight into the dtype the matmul runs in: under autocast an fp32 x would otherwise
+        # get an fp32 copy of the weight and then autocast's bf16 copy of that.
+        auto = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if auto else x.dtype
+        y = F.linear(x.to(dtype), weight.to(dtype))
         y = y * scale.to(y.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
