@@ -275,14 +275,14 @@ def block_peaks(res: int, mode: str) -> dict:
     n, L = edit_lengths(res)
     with FakeTensorMode():
         m = released(mode, 16, num_layers=1, num_single_layers=1)
-        temb, cos, sin = torch.randn(1, D, dtype=BF16), torch.randn(n + L, 128), torch.randn(n + L, 128)
+        temb, freqs = torch.randn(1, D, dtype=BF16), torch.randn(n + L, 64, dtype=torch.complex64)
         img, txt, x = (torch.randn(1, s, D, dtype=BF16, requires_grad=True) for s in (n, L, n + L))
         g_img, g_txt, g_x = (torch.randn(1, s, D, dtype=BF16) for s in (n, L, n + L))
         final = lambda: m.proj_out(M.modulate(x[:, L : L + n // 2], *m.norm_out(temb)[::-1]))  # scale, shift
         joint = m.transformer_blocks[0]
         runs = {
-            "joint": lambda: torch.autograd.backward(joint(img, txt, temb, cos, sin), [g_img, g_txt]),
-            "single": lambda: m.single_transformer_blocks[0](x, temb, cos, sin).backward(g_x),
+            "joint": lambda: torch.autograd.backward(joint(img, txt, temb, freqs), [g_img, g_txt]),
+            "single": lambda: m.single_transformer_blocks[0](x, temb, freqs).backward(g_x),
             "final": lambda: F.mse_loss(final().float(), torch.randn(1, n // 2, 64)).backward(),
         }
         with torch.autocast("cpu", BF16):

@@ -74,9 +74,7 @@ class DatasetConfig:
     instance_data_dir: Path
     cache_dir_vae: Path
     cache_dir_text: Path  # default: a `text` folder beside cache_dir_vae
-    resolution: int = (
-        1024  # bucket area = resolution² px (SimpleTuner's "pixel_area"); unused on reference sets
-    )
+    resolution: int = 1024  # bucket area = resolution² px (SimpleTuner's pixel_area); not for references
     alignment: int = 64  # the config's top-level aspect_bucket_alignment
     caption_strategy: str | None = None  # textfile | filename | instanceprompt | None (reference sets)
     instance_prompt: str | None = None

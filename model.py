@@ -56,24 +56,25 @@ class TransformerConfig:
     axes_dims_rope: tuple = (16, 56, 56)  # (modality, row, col); sums to attention_head_dim
 
 
-def rope(ids: torch.Tensor, axes_dims, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [S, head_dim] for positions ids [S, n_axes], each pair's angle repeated twice."""
+def rope(ids: torch.Tensor, axes_dims, theta: float = 10000.0) -> torch.Tensor:
+    """Rotations e^(i angle) [S, head_dim / 2] (complex64) for positions ids [S, n_axes], one per pair."""
     # float64 angles keep positions ~1000 exact; MPS has no float64, so it gets float32 there.
     f64 = torch.float32 if ids.device.type == "mps" else torch.float64
-    cos, sin = [], []
+    angles = []
     for i, d in enumerate(axes_dims):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=f64, device=ids.device) / d)  # [d/2]
-        angles = torch.outer(ids[:, i].float(), freqs)  # [S, d/2]
-        cos.append(angles.cos().repeat_interleave(2, dim=1).float())
-        sin.append(angles.sin().repeat_interleave(2, dim=1).float())
-    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+        angles.append(torch.outer(ids[:, i].float(), freqs))  # [S, d/2]
+    angles = torch.cat(angles, dim=-1)
+    return torch.complex(
+        angles.cos().float(), angles.sin().float()
+    )  # cos, sin rounded to float32 as diffusers
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x [B, S, H, D]."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
-    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)  # (B, S, H, D)
-    return (x.float() * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), i.e. multiply the pair
+    x0 + i x1 by e^(i angle), in float32; x [B, S, H, D]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2)
+    return torch.view_as_real(pairs * freqs[:, None]).flatten(-2).to(x.dtype)  # (B, S, H, D)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN: LayerNorm without affine (eps 1e-6), then x * (1 + scale) + shift per sample."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale[:, None])
 
 
 class Modulation(nn.Module):
@@ -182,7 +183,7 @@ class JointBlock(nn.Module):
         self.attn = Attention(dim, heads, head_dim, context=True)
         self.ff, self.ff_context = MLP(dim), MLP(dim)
 
-    def forward(self, img, txt, temb, cos, sin):
+    def forward(self, img, txt, temb, freqs):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(temb)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
         q, k, v = self.attn.qkv(modulate(img, shift1, scale1))
@@ -192,12 +193,12 @@ class JointBlock(nn.Module):
             torch.cat([ck, k], dim=1),
             torch.cat([cv, v], dim=1),
         )  # (B, L+N, H, D)
-        out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        out = attention(apply_rope(q, freqs), apply_rope(k, freqs), v)
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
-        img = img + gate1[:, None] * self.attn.to_out[0](img_out)
-        img = img + gate2[:, None] * self.ff(modulate(img, shift2, scale2))
-        txt = txt + c_gate1[:, None] * self.attn.to_add_out(txt_out)
-        txt = txt + c_gate2[:, None] * self.ff_context(modulate(txt, c_shift2, c_scale2))
+        img = torch.addcmul(img, gate1[:, None], self.attn.to_out[0](img_out))  # gated residuals
+        img = torch.addcmul(img, gate2[:, None], self.ff(modulate(img, shift2, scale2)))
+        txt = torch.addcmul(txt, c_gate1[:, None], self.attn.to_add_out(txt_out))
+        txt = torch.addcmul(txt, c_gate2[:, None], self.ff_context(modulate(txt, c_shift2, c_scale2)))
         if txt.dtype == torch.float16:
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -213,14 +214,13 @@ class SingleBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, 4 * dim)
         self.proj_out = nn.Linear(dim + 4 * dim, dim)
 
-    def forward(self, x, temb, cos, sin):
+    def forward(self, x, temb, freqs):
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
         q, k, v = self.attn.qkv(h)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        x = x + gate[:, None] * self.proj_out(
-            torch.cat([attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v), mlp], -1)
-        )
+        attn = attention(apply_rope(q, freqs), apply_rope(k, freqs), v)  # (B, S, D)
+        x = torch.addcmul(x, gate[:, None], self.proj_out(torch.cat([attn, mlp], dim=-1)))
         return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
@@ -254,7 +254,7 @@ class LongCatTransformer(nn.Module):
         txt_ids [L, 3] -> velocity [B, N, 64]."""
         img, txt = self.x_embedder(img), self.context_embedder(txt)
         temb = self.time_embed.timestep_embedder(sigma.to(img.dtype) * 1000, img.dtype)  # (B, D)
-        cos, sin = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # (L+N, head_dim), once
+        freqs = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # (L+N, head_dim/2), once
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         run = (
             (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False))
@@ -262,10 +262,10 @@ class LongCatTransformer(nn.Module):
             else (lambda f, *a: f(*a))
         )
         for block in self.transformer_blocks:
-            img, txt = run(block, img, txt, temb, cos, sin)
+            img, txt = run(block, img, txt, temb, freqs)
         x = torch.cat([txt, img], dim=1)  # (B, L+N, D): the single blocks see one stream
         for block in self.single_transformer_blocks:
-            x = run(block, x, temb, cos, sin)
+            x = run(block, x, temb, freqs)
         scale, shift = self.norm_out(temb.to(x.dtype))
         return self.proj_out(modulate(x[:, txt.shape[1] :], shift, scale))
 
