@@ -115,6 +115,11 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"{args.model} is a text-to-image checkpoint: --ref needs LongCat-Image-Edit")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: must be at least 1")
+    te_convert = quantizer(args.text_encoder_quant, "--text-encoder-quant", "TEXT_ENCODER_TARGETS")
+    convert = quantizer(args.quant, "--quant", "DEFAULT_TARGETS")
+    for f in args.lora:  # before any model loads: a typo should not cost a text-encoder pass
+        if not Path(f).exists():
+            raise ValueError(f"--lora {f}: no such file")
     ref = None
     if args.ref:
         try:
@@ -131,7 +136,6 @@ def run(args: argparse.Namespace) -> Path:
     use_cfg = args.guidance > 1
 
     # Stage 1: the prompts (the negative prompt sees the same reference image).
-    te_convert = quantizer(args.text_encoder_quant, "--text-encoder-quant", "TEXT_ENCODER_TARGETS")
     te = M.load_text_encoder(path, dtype, device, convert=te_convert)
     txt = te.encode(args.prompt, ref)
     neg = te.encode(args.negative_prompt, ref) if use_cfg else None
@@ -141,9 +145,7 @@ def run(args: argparse.Namespace) -> Path:
     # Stage 2: the reference latent, then the transformer denoises.
     vae = M.load_vae(path, dtype, device)
     ref_latent = M.to_latent(vae, M.pil_to_tensor(ref).to(device)) if ref is not None else None
-    transformer = M.load_transformer(
-        path, dtype, device, convert=quantizer(args.quant, "--quant", "DEFAULT_TARGETS")
-    )
+    transformer = M.load_transformer(path, dtype, device, convert=convert)
     if args.lora:
         import lora
 

@@ -170,16 +170,18 @@ def test_default_output_never_overwrites_and_previews_are_saved(tiny_t2i, tmp_pa
         (("--model", "{tmp}/missing"), "no such folder"),
         (("--resolution", "100x64"), "multiples of 16"),
         (("--ref", "{tmp}/nope.png"), "cannot read the image"),
+        (("--lora", "{tmp}/nope.safetensors"), "--lora {tmp}/nope.safetensors: no such file"),
         ((), "is an edit checkpoint: give the image to edit with --ref"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tiny_edit, tmp_path, extra, message):
     extra = [e.format(tmp=tmp_path) for e in extra]
     model = [] if "--model" in extra else ["--model", tiny_edit]
-    ref = ["--ref", reference(tmp_path / "r.png", 64, 64)] if "--resolution" in extra else []
+    needs_ref = "--resolution" in extra or "--lora" in extra
+    ref = ["--ref", reference(tmp_path / "r.png", 64, 64)] if needs_ref else []
     proc = run_script(VALIDATE, *model, *ref, "--prompt", "x", *extra, check=False)
     assert proc.returncode != 0
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
