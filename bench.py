@@ -222,17 +222,18 @@ def compare_models(size: dict, device, out: dict) -> None:
     step("ours"), step("theirs")
     first = losses["ours"][0], losses["theirs"][0]
     assert abs(first[0] - first[1]) <= (2e-2 if cuda else 1e-5) * abs(first[1]), f"losses differ: {first}"
-    for ckpt in (True, False):
+    for ckpt in (True, "keep_attention", False):  # diffusers has no selective mode: it checkpoints fully
         ours.gradient_checkpointing = ckpt
         theirs.enable_gradient_checkpointing() if ckpt else theirs.disable_gradient_checkpointing()
         tt = alternate({k: lambda k=k: step(k) for k in opts}, warm, steps, device)
         mem = {k: peak_bytes(lambda k=k: step(k), device) / GB for k in opts}  # AdamW states exist by now
-        tag = "" if ckpt else "_no_ckpt"
+        tag = {True: "", "keep_attention": "_keep_attention", False: "_no_ckpt"}[ckpt]
         out[f"train_step_time_ratio{tag}"] = tt["ours"] / tt["theirs"]
         out[f"train_step_memory_ratio{tag}"] = mem["ours"] / mem["theirs"]
         out[f"train_step_s{tag}"], out[f"train_step_peak_gb{tag}"] = tt, mem
         row = [tt["ours"], tt["theirs"], tt["ours"] / tt["theirs"], mem["ours"], mem["theirs"]]
-        rows[f"train step, checkpointing {'on' if ckpt else 'off'}"] = row + [mem["ours"] / mem["theirs"]]
+        label = {True: "on", "keep_attention": "on, ours keep_attention", False: "off"}[ckpt]
+        rows[f"train step, checkpointing {label}"] = row + [mem["ours"] / mem["theirs"]]
     out["first_loss"], out["forward_max_abs_diff"] = first, diff
     for k in ("ours", "theirs"):
         out[f"checkpointing_time_ratio_{k}"] = out["train_step_s"][k] / out["train_step_s_no_ckpt"][k]

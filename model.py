@@ -17,6 +17,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 class CheckpointError(ValueError):
@@ -224,6 +226,16 @@ class SingleBlock(nn.Module):
         return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
+# Selective checkpointing (gradient_checkpointing = "keep_attention"): attention is the costliest op to redo
+# in the backward pass while its output is only [B, S, D] per block, so keep it and recompute the rest.
+ATTENTION_OPS = [getattr(torch.ops.aten, n).default for n in dir(torch.ops.aten)
+                 if n.startswith("_scaled_dot_product") and not n.endswith("backward")]  # fmt: skip
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class LongCatTransformer(nn.Module):
     """The LongCat-Image MM-DiT (root of transformer/*.safetensors)."""
 
@@ -247,7 +259,7 @@ class LongCatTransformer(nn.Module):
         )
         self.norm_out = Modulation(dim, 2)  # chunks are (scale, shift), in that order
         self.proj_out = nn.Linear(dim, c.in_channels)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # or True, or "keep_attention"
 
     def forward(self, img, txt, sigma, img_ids, txt_ids) -> torch.Tensor:
         """img [B, N, 64], txt [B, L, joint_attention_dim], sigma [B] in [0, 1], img_ids [N, 3],
@@ -255,12 +267,12 @@ class LongCatTransformer(nn.Module):
         img, txt = self.x_embedder(img), self.context_embedder(txt)
         temb = self.time_embed.timestep_embedder(sigma.to(img.dtype) * 1000, img.dtype)  # (B, D)
         freqs = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # (L+N, head_dim/2), once
-        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        run = (
-            (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False))
-            if ckpt
-            else (lambda f, *a: f(*a))
-        )
+        run = lambda f, *a: f(*a)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            kw = {}
+            if self.gradient_checkpointing == "keep_attention":  # recompute all but the attention itself
+                kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
+            run = lambda f, *a: checkpoint(f, *a, use_reentrant=False, **kw)
         for block in self.transformer_blocks:
             img, txt = run(block, img, txt, temb, freqs)
         x = torch.cat([txt, img], dim=1)  # (B, L+N, D): the single blocks see one stream

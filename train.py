@@ -74,6 +74,9 @@ class Config:
     seed: int = 0
     mixed_precision: str = "bf16"  # bf16 | no (bf16 autocast on GPU; CPU always trains in float32)
     gradient_checkpointing: bool = True
+    checkpoint_keep_attention: bool = (
+        False  # keep attention outputs through checkpointing: faster, more memory
+    )
     caption_dropout_probability: float = 0.1  # the empty instruction, the reference kept
     flow_schedule_auto_shift: bool = True  # shift sigma like the sampler does for this many tokens
     flow_schedule_shift: float = (
@@ -486,7 +489,8 @@ def train(cfg: Config, cfg_dir: Path) -> torch.nn.Module:
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision == "bf16" else torch.float32
     convert = (lambda m: quant.quantize_model(m, mode)) if mode != "none" else None
     transformer = M.load_transformer(ckpt, dtype, device, convert=convert)
-    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    keep = "keep_attention" if cfg.checkpoint_keep_attention else True
+    transformer.gradient_checkpointing = keep if cfg.gradient_checkpointing else False
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
     lora.inject_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     lora.mark_only_lora_as_trainable(transformer)

@@ -60,12 +60,13 @@ def test_transformer_matches_diffusers(tmp_path):
     assert rel_err(got, want) < 1e-5, f"max relative difference {rel_err(got, want):.2e}"
 
 
-def test_gradient_checkpointing_changes_nothing(tiny_edit):
+@pytest.mark.parametrize("mode", [True, "keep_attention"])
+def test_gradient_checkpointing_changes_nothing(tiny_edit, mode):
     model = M.load_transformer(tiny_edit, torch.float32).requires_grad_(True)
     img, txt = torch.randn(1, 12, 64), torch.randn(1, 5, 64)
     args = (img, txt, torch.tensor([0.5]), M.image_ids(3, 4, 5, 1), M.text_ids(5))
     grads = []
-    for ckpt in (False, True):
+    for ckpt in (False, mode):
         model.gradient_checkpointing = ckpt
         model.zero_grad()
         out = model(*args)
@@ -260,3 +261,31 @@ def test_loading_respects_dtype_and_leaves_nothing_on_meta(tiny_edit):
     model = M.load_transformer(tiny_edit, torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_keep_attention_checkpointing_runs_attention_once_per_block(tiny_edit):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in M.ATTENTION_OPS
+            return func(*args, **(kwargs or {}))
+
+    model = M.load_transformer(tiny_edit, torch.float32)
+    model.transformer_blocks[0].attn.to_q.weight.requires_grad_(True)
+    args = (
+        torch.randn(1, 12, 64),
+        torch.randn(1, 5, 64),
+        torch.tensor([0.5]),
+        M.image_ids(3, 4, 5, 1),
+        M.text_ids(5),
+    )
+    calls = {}
+    for mode in (True, "keep_attention"):
+        model.gradient_checkpointing = mode
+        with Count() as count:
+            count.n = 0
+            model(*args).sum().backward()
+        calls[mode] = count.n
+    blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert calls == {True: 2 * blocks, "keep_attention": blocks}, calls
