@@ -81,12 +81,8 @@ class LoRALinear(nn.Module):
         if self.merged or self.multiplier == 0:
             return y
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        h = F.linear(self.lora_dropout(x), a)  # (..., rank)
-        # y + scale * h @ B^T as one matmul-with-add: no separate scaled copy, no extra pass over y
-        out = torch.addmm(
-            y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scale * self.multiplier
-        )
-        return out.view(y.shape)
+        # the update rounded as peft rounds it (scaled, then added), so LoRA outputs match diffusers in bf16
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * (self.scale * self.multiplier)
 
     def _add_to_base(self, factor: float) -> None:
         a, b, base = self.lora_A.weight.detach().float(), self.lora_B.weight.detach().float(), self.base

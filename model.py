@@ -97,7 +97,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN: LayerNorm without affine (eps 1e-6), then x * (1 + scale) + shift per sample."""
-    return torch.addcmul(shift[:, None], F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale[:, None])
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
 class Modulation(nn.Module):
@@ -197,10 +197,11 @@ class JointBlock(nn.Module):
         )  # (B, L+N, H, D)
         out = attention(apply_rope(q, freqs), apply_rope(k, freqs), v)
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
-        img = torch.addcmul(img, gate1[:, None], self.attn.to_out[0](img_out))  # gated residuals
-        img = torch.addcmul(img, gate2[:, None], self.ff(modulate(img, shift2, scale2)))
-        txt = torch.addcmul(txt, c_gate1[:, None], self.attn.to_add_out(txt_out))
-        txt = torch.addcmul(txt, c_gate2[:, None], self.ff_context(modulate(txt, c_shift2, c_scale2)))
+        # gated residuals, rounded as diffusers does (a fused addcmul would differ by an ulp in bf16)
+        img = img + gate1[:, None] * self.attn.to_out[0](img_out)
+        img = img + gate2[:, None] * self.ff(modulate(img, shift2, scale2))
+        txt = txt + c_gate1[:, None] * self.attn.to_add_out(txt_out)
+        txt = txt + c_gate2[:, None] * self.ff_context(modulate(txt, c_shift2, c_scale2))
         if txt.dtype == torch.float16:
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -222,7 +223,7 @@ class SingleBlock(nn.Module):
         q, k, v = self.attn.qkv(h)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
         attn = attention(apply_rope(q, freqs), apply_rope(k, freqs), v)  # (B, S, D)
-        x = torch.addcmul(x, gate[:, None], self.proj_out(torch.cat([attn, mlp], dim=-1)))
+        x = x + gate[:, None] * self.proj_out(torch.cat([attn, mlp], dim=-1))
         return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
@@ -329,7 +330,7 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.group_norm(x.flatten(2)).transpose(1, 2)  # (B, HW, C); normed as (B, C, HW) like diffusers
         q, k, v = (p(h)[:, None] for p in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])  # (B, HW, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
@@ -490,15 +491,17 @@ def from_latent(vae: VAE, z: torch.Tensor) -> torch.Tensor:
 
 def pil_to_tensor(image) -> torch.Tensor:
     """PIL image -> [1, 3, H, W] float32 in [-1, 1] (as diffusers' VaeImageProcessor)."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3)
-    return (2 * x - 1).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0)  # (1, H, W, 3)
+    # (1, 3, H, W) viewed, not copied: channels-last in memory like diffusers' tensor, so the VAE's convs pick
+    # the same kernels (in bf16 another memory layout rounds differently)
+    return (2 * x - 1).permute(0, 3, 1, 2)
 
 
 def tensor_to_pil(x: torch.Tensor):
     """[1, 3, H, W] in [-1, 1] -> PIL image, rounded as diffusers does."""
     from PIL import Image
 
-    x = (x[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    x = (x[0] / 2 + 0.5).clamp(0, 1).float().permute(1, 2, 0).cpu().numpy()  # (H, W, 3), rounded as diffusers
     return Image.fromarray((x * 255).round().astype(np.uint8))
 
 

@@ -293,3 +293,53 @@ def test_int8_cuts_peak_resident_memory_where_the_transformer_dominates(tiny_t2i
         )
         peak[mode] = int(proc.stderr.split("PEAK")[1].split()[0])
     assert peak["int8"] <= 0.75 * peak["none"], peak
+
+
+def test_bfloat16_runs_are_bit_exact_with_diffusers(tiny_edit, tiny_t2i, tmp_path, small_edit_area):
+    """In bf16 every rounding counts: op order, fused ops, even the memory layout the VAE's convs see."""
+    ref = reference(tmp_path / "ref.png", 200, 120)
+    w, h = small_edit_area(200, 120)
+    common = ("--steps", 3, "--seed", 5, "--dtype", "bfloat16")
+    run_script(
+        VALIDATE,
+        "--model",
+        tiny_edit,
+        "--ref",
+        ref,
+        "--prompt",
+        "add 'rain'",
+        "--resolution",
+        f"{w}x{h}",
+        *common,
+        "--out",
+        tmp_path / "edit.png",
+    )
+    run_script(
+        VALIDATE,
+        "--model",
+        tiny_t2i,
+        "--prompt",
+        "a 'neon' sign",
+        "--negative-prompt",
+        "dull",
+        "--resolution",
+        "128x96",
+        *common,
+        "--out",
+        tmp_path / "t2i.png",
+    )
+    g = lambda: torch.Generator().manual_seed(5)
+    edit = diffusers_pipeline(tiny_edit, torch.bfloat16)(
+        Image.open(ref), "add 'rain'", num_inference_steps=3, generator=g()
+    )
+    t2i = diffusers_pipeline(tiny_t2i, torch.bfloat16)(
+        "a 'neon' sign",
+        negative_prompt="dull",
+        height=96,
+        width=128,
+        num_inference_steps=3,
+        enable_prompt_rewrite=False,
+        generator=g(),
+    )
+    assert psnr(Image.open(tmp_path / "edit.png"), edit.images[0]) >= 60
+    assert psnr(Image.open(tmp_path / "t2i.png"), t2i.images[0]) >= 60
