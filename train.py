@@ -397,7 +397,10 @@ def resolve_model(cfg: Config, base: Path) -> Path:
     name = cfg.pretrained_model_name_or_path
     if name in ("tiny", "tiny-edit", "tiny-t2i"):
         flavour = "t2i" if name == "tiny-t2i" else "edit"
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicat" / f"tiny-{flavour}"
+        # versioned: bump when write_tiny_checkpoint changes, so an old cached copy is never reused
+        cache = (
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicat" / f"tiny-{flavour}-v1"
+        )
         if not (cache / "transformer/config.json").exists():  # written last: a complete folder
             shutil.rmtree(cache, ignore_errors=True)
             M.write_tiny_checkpoint(cache, flavour)

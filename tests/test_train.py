@@ -77,7 +77,7 @@ def test_the_tiny_example_runs_end_to_end(tmp_path, monkeypatch):
     assert (
         Image.open(out / "loss.png").size[0] > 0 and len((out / "loss.jsonl").read_text().splitlines()) == 4
     )
-    assert (tmp_path / "xdg/minicat/tiny-edit/model_index.json").exists()
+    assert (tmp_path / "xdg/minicat/tiny-edit-v1/model_index.json").exists()
 
 
 def test_resume_ends_exactly_where_a_straight_run_does(tiny_edit, tmp_path):
