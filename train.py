@@ -401,9 +401,12 @@ def resolve_model(cfg: Config, base: Path) -> Path:
         cache = (
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicat" / f"tiny-{flavour}-v1"
         )
-        if not (cache / "transformer/config.json").exists():  # written last: a complete folder
-            shutil.rmtree(cache, ignore_errors=True)
-            M.write_tiny_checkpoint(cache, flavour)
+        if not cache.exists():  # written aside and renamed: ranks racing here never see half a folder
+            tmp = M.write_tiny_checkpoint(cache.with_name(f"{cache.name}.tmp-{os.getpid()}"), flavour)
+            try:
+                tmp.rename(cache)
+            except OSError:  # another process got there first
+                shutil.rmtree(tmp)
         return cache
     local = base / Path(name).expanduser()
     return M.resolve_checkpoint(local if local.exists() else name)
