@@ -8,7 +8,7 @@ A starts Kaiming-uniform (a = sqrt(5), peft's and loralib's default) and B at ze
 starts equal to its base. alpha / r is the paper's scaling (§4.1) and m a runtime multiplier
 (`set_lora_scale`; m = 0 gives the base exactly). The branch runs as two skinny matmuls in the input dtype:
 B·A is never formed, except by `merge()`, which adds it into the base weight on request (litgpt's explicit,
-idempotent merge; loralib's merge-on-eval() is the counter-example).
+idempotent merge; loralib's implicit merge when switching to eval mode is the counter-example).
 
 `LoRALinear` wraps whatever it is given (`self.base`): an nn.Linear, or quant.py's QuantLinear, found by duck
 typing: anything with `in_features`, `out_features` and a forward. Merging into a quantized base needs its
