@@ -151,23 +151,17 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context: bool):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
-        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+        proj, norm = lambda: nn.Linear(dim, heads * head_dim), lambda: nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k = proj(), proj(), proj(), norm(), norm()
         if context:
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = (
-                nn.Linear(dim, heads * head_dim) for _ in range(3)
-            )
-            self.norm_added_q, self.norm_added_k = (
-                nn.RMSNorm(head_dim, eps=1e-6),
-                nn.RMSNorm(head_dim, eps=1e-6),
-            )
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = proj(), proj(), proj()
+            self.norm_added_q, self.norm_added_k = norm(), norm()
             self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
             self.to_add_out = nn.Linear(heads * head_dim, dim)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (
-            p(x).unflatten(-1, (self.heads, -1)) for p in (self.to_q, self.to_k, self.to_v)
-        )  # (B, S, H, D)
+        projs = (self.to_q, self.to_k, self.to_v)
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in projs)  # (B, S, H, D)
         return self.norm_q(q), self.norm_k(k), v
 
     def qkv_context(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,11 +237,8 @@ class LongCatTransformer(nn.Module):
     def __init__(self, config: TransformerConfig | None = None):
         super().__init__()
         c = self.config = config or TransformerConfig()
-        dim, heads, head_dim = (
-            c.num_attention_heads * c.attention_head_dim,
-            c.num_attention_heads,
-            c.attention_head_dim,
-        )
+        heads, head_dim = c.num_attention_heads, c.attention_head_dim
+        dim = heads * head_dim
         assert sum(c.axes_dims_rope) == head_dim, f"axes_dims_rope {c.axes_dims_rope} must sum to {head_dim}"
         assert c.patch_size == 1, f"patch_size {c.patch_size}: only 1 exists (2x2 packing happens outside)"
         self.x_embedder = nn.Linear(c.in_channels, dim)
@@ -625,13 +616,9 @@ def sample(
         v, *v_neg = (transformer(inp, c, t, im, tx)[:, :n] for c, im, tx in conds)
         if use_cfg:
             v_c, v = v, v_neg[0] + guidance * (v - v_neg[0])
-            if (
-                cfg_renorm
-            ):  # rescale each token so the guided velocity is never longer than the conditional one
-                s = (v_c.norm(dim=-1, keepdim=True) / (v.norm(dim=-1, keepdim=True) + 1e-8)).clamp(
-                    cfg_renorm_min, 1
-                )
-                v = v * s
+            if cfg_renorm:  # rescale each token so the guided velocity is never longer than the conditional
+                s = v_c.norm(dim=-1, keepdim=True) / (v.norm(dim=-1, keepdim=True) + 1e-8)
+                v = v * s.clamp(cfg_renorm_min, 1)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]).to(dev) * v).to(v.dtype)  # Euler, in float32
         if callback is not None:
             callback(i, unpack(x, h, w))

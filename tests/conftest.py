@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,3 +76,19 @@ def run_script(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
             f"{args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+class ToyBlock(nn.Module):
+    """A toy block carrying LongCat's module names (attn.to_q, attn.to_out.0, ff.net.0.proj, ff.net.2)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.to_q, self.attn.to_out = nn.Linear(d, d), nn.ModuleList([nn.Linear(d, d)])
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([nn.Module(), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d)])
+        self.ff.net[0].proj = nn.Linear(d, 4 * d)
+
+    def forward(self, x):
+        x = x + self.attn.to_out[0](F.gelu(self.attn.to_q(x)))
+        return x + self.ff.net[2](self.ff.net[1](self.ff.net[0].proj(x)))

@@ -8,34 +8,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ToyBlock
 from torch import nn
 
 from lora import inject_lora, mark_only_lora_as_trainable, merge
 from quant import QuantLinear, normalize_mode, quantize_model, quantize_weight, weight_bytes
 
 
-class Block(nn.Module):
-    """A toy block carrying LongCat's module names (attn.to_q, attn.to_out.0, ff.net.0.proj, ff.net.2)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.attn = nn.Module()
-        self.attn.to_q, self.attn.to_out = nn.Linear(d, d), nn.ModuleList([nn.Linear(d, d)])
-        self.ff = nn.Module()
-        self.ff.net = nn.ModuleList([nn.Module(), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d)])
-        self.ff.net[0].proj = nn.Linear(d, 4 * d)
-
-    def forward(self, x):
-        x = x + self.attn.to_out[0](F.gelu(self.attn.to_q(x)))
-        return x + self.ff.net[2](self.ff.net[1](self.ff.net[0].proj(x)))
-
-
 class Toy(nn.Module):
     def __init__(self, d: int = 32, c: int = 16):
         super().__init__()
         self.x_embedder, self.proj_out = nn.Linear(c, d), nn.Linear(d, c)
-        self.transformer_blocks = nn.ModuleList([Block(d), Block(d)])
-        self.single_transformer_blocks = nn.ModuleList([Block(d)])
+        self.transformer_blocks = nn.ModuleList([ToyBlock(d), ToyBlock(d)])
+        self.single_transformer_blocks = nn.ModuleList([ToyBlock(d)])
 
     def forward(self, x):
         x = self.x_embedder(x)
