@@ -1,28 +1,35 @@
-"""Datasets for minicat: SimpleTuner-style `[[datasets]]` config, aspect buckets, latent and text-embedding
-caches, and a resumable bucketed loader.
+"""Datasets for minicat: SimpleTuner-style `[[datasets]]` config, image reading, aspect buckets, latent and
+text-embedding caches, and a resumable bucketed loader.
 
 An edit dataset (captions = instructions) names its reference dataset in `conditioning_data`; files pair by
 their path inside the folder minus the extension (folders are searched recursively, hidden ones skipped). Both
 images of a pair are resized (cover, Lanczos) and centre-cropped into the bucket nearest the *target's* aspect
 ratio, so a reference never gets a size of its own or a W/H swap and batches > 1 stack (ostris/ai-toolkit#487,
 #707). A dataset that names no reference and is named by none is text-to-image. Buckets follow the official
-recipe's 64-px tables: area ~ resolution², aspect 0.5-2 (SPEC §6).
+recipe's 64-px tables: area ~ resolution², aspect 0.5-2 (SPEC §6). As in SimpleTuner, captions on the
+reference set are optional and, when present, replace the edit set's (a warning says so).
+
+Images are read one way everywhere (`load_rgb`: EXIF rotation applied, transparency composited on white,
+size-limited before decoding) and become tensors one way (`pil_to_tensor`, diffusers' arithmetic), so a
+validation reference and a training image of the same file give the same latent.
 
 Cache entries are safetensors files named by the sha256 of everything they depend on (image bytes, bucket,
-model identity, dtype, CACHE_VERSION), so a changed image, bucket or model is a miss, never a stale hit.
-Latents are stored float32 [16, H/8, W/8] (small, as exact as the VAE gave them); text embeddings [L, D] in
+model identity, dtype, the text encoder's precision, CACHE_VERSION), so a changed image, bucket, model or
+precision is a miss, never a stale hit. Latents are stored float32 [16, H/8, W/8]; text embeddings [L, D] in
 the encoder's dtype (~50x larger). An edit embedding sees the reference, so it is keyed by (instruction,
 reference bytes, bucket), and every reference also gets the empty instruction for caption dropout, encoded
-with the real reference as the official recipe does (research/peers.md §4.6, §5, §8). Writes go to
-`<name>.tmp-<pid>`, then os.replace, so a killed run leaves no half entry under a real name; an entry that
-does not open is re-made. Dataset folders are only ever read.
+with the real reference as the official recipe does (research/peers.md §4.6, §5, §8). Every entry is read in
+full and checked (shape, finite values) before it is used; a bad one is named and made again. Writes go to
+`<name>.tmp-<pid>`, then os.replace, so a killed run leaves no half entry under a real name. All latents are
+encoded before any text, so the VAE and the text encoder need not be on the GPU together. Dataset folders are
+only ever read.
 
 Checks run before any encoder call and name every offender at once (missing references or captions,
-unreadable, truncated or oversized images). `python data.py config.toml` builds the caches with model.py's
-encoders and prints a report; a problem exits non-zero with one `error:` line each.
+unreadable, truncated or oversized images); files that are skipped (not images, unpaired references) are
+reported. `python data.py config.toml` checks the data and builds the caches of a training config (train.py's
+config and encoders, stopping before the first step) and prints a report.
 """
 
-import argparse
 import difflib
 import hashlib
 import io
@@ -30,6 +37,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,17 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm import tqdm
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-CACHE_VERSION = "minicat-data-1"  # bump when this file changes what an entry holds: all entries then miss
-DEFAULT_CHECKPOINT = "meituan-longcat/LongCat-Image-Edit"
+CACHE_VERSION = "minicat-data-2"  # bump when this file changes what an entry holds: all entries then miss
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_PIXELS = 8192 * 8192  # refused before decoding: bigger files are scans or mistakes, and GBs as RGB
 LATENT_CHANNELS, VAE_FACTOR = 16, 8  # the FLUX.1 VAE (SPEC §1)
@@ -76,7 +78,7 @@ class DatasetConfig:
     cache_dir_text: Path  # default: a `text` folder beside cache_dir_vae
     resolution: int = 1024  # bucket area = resolution² px (SimpleTuner's pixel_area); not for references
     alignment: int = 64  # the config's top-level aspect_bucket_alignment
-    caption_strategy: str | None = None  # textfile | filename | instanceprompt | None (reference sets)
+    caption_strategy: str | None = None  # textfile | filename | instanceprompt | None
     instance_prompt: str | None = None
     conditioning_data: str | None = None  # id of the reference dataset, for edit datasets
     repeats: int = 0  # extra appearances of each sample per epoch (0: once)
@@ -99,13 +101,38 @@ def _key_problems(entry: dict, where: str) -> list[str]:
         if key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
             out.append(f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        elif (not isinstance(value, KEYS[key]) or (KEYS[key] is int and isinstance(value, bool))
-              or (isinstance(value, list) and not all(isinstance(v, str) for v in value))):  # fmt: skip
+            continue
+        strings = not isinstance(value, list) or all(isinstance(v, str) for v in value)
+        if not isinstance(value, KEYS[key]) or (KEYS[key] is int and isinstance(value, bool)) or not strings:
             want = "a list of dataset ids" if key == "conditioning_data" else KEYS[key].__name__
             out.append(f"{where}: {key} should be {want}, got {value!r}")
         elif key in CHOICES and value not in CHOICES[key]:
             out.append(f"{where}: {key} = {value!r} is not supported (use one of {CHOICES[key]})")
+        elif key in ("resolution", "repeats") and not (
+            0 <= value <= (16384 if key == "resolution" else 10**6)
+        ):
+            out.append(f"{where}: {key} = {value} is out of range")
     return out
+
+
+def _parse_entry(e: dict, where: str, base_dir: Path, alignment: int) -> DatasetConfig:
+    def path(v: str) -> Path:
+        return (base_dir / Path(v).expanduser()).resolve()  # an absolute v replaces base_dir
+
+    cond = e.get("conditioning_data", [])
+    cond = [cond] if isinstance(cond, str) else cond
+    if len(cond) > 1:
+        raise DataError([f"{where}: conditioning_data names {len(cond)} datasets; one is supported"])
+    vae, text = path(e["cache_dir_vae"]), e.get("cache_dir_text")
+    ds = DatasetConfig(
+        e["id"], path(e["instance_data_dir"]), vae, path(text) if text else vae.parent / "text"
+    )
+    ds.resolution, ds.alignment, ds.repeats = e.get("resolution", 1024), alignment, e.get("repeats", 0)
+    ds.caption_strategy = None if e.get("caption_strategy") in (None, "none") else e["caption_strategy"]
+    ds.instance_prompt, ds.conditioning_data = e.get("instance_prompt"), cond[0] if cond else None
+    if ds.resolution < alignment:
+        raise DataError([f"{where}: resolution {ds.resolution} must be at least {alignment}"])
+    return ds
 
 
 def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> list[DatasetConfig]:
@@ -114,33 +141,27 @@ def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> l
         raise DataError([f"aspect_bucket_alignment must be a positive multiple of 16, got {alignment!r}"])
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise DataError(["the config needs [[datasets]] tables"])
-    path = lambda v: (base_dir / Path(v).expanduser()).resolve()  # an absolute v replaces base_dir
     problems, datasets = [], []
     for n, e in enumerate(entries):
         e = {k: v for k, v in e.items() if v is not None}  # a JSON null (SimpleTuner's configs) means unset
         where = f"dataset '{e['id']}'" if isinstance(e.get("id"), str) else f"datasets[{n}]"
-        if found := _key_problems(e, where):
-            problems += found
-            continue
-        cond = e.get("conditioning_data", [])
-        cond = [cond] if isinstance(cond, str) else cond
-        vae, text = path(e["cache_dir_vae"]), e.get("cache_dir_text")
-        strategy = None if e.get("caption_strategy") == "none" else e.get("caption_strategy")
-        text = path(text) if text else vae.parent / "text"
-        res, prompt, repeats = e.get("resolution", 1024), e.get("instance_prompt"), e.get("repeats", 0)
-        ds = DatasetConfig(e["id"], path(e["instance_data_dir"]), vae, text, res, alignment, strategy, prompt,
-                           cond[0] if cond else None, repeats)  # fmt: skip
-        if len(cond) > 1:
-            problems.append(f"{where}: conditioning_data names {len(cond)} datasets; one is supported")
-        if ds.resolution < alignment or ds.repeats < 0:
-            problems.append(f"{where}: resolution must be >= {alignment} and repeats >= 0")
-        if not e.get("disabled"):
-            datasets.append(ds)
+        try:
+            if found := _key_problems(e, where):
+                raise DataError(found)
+            if not e.get("disabled"):
+                datasets.append(_parse_entry(e, where, base_dir, alignment))
+        except DataError as err:
+            problems += err.problems
     if problems:  # before the cross-checks, which would only echo these
         raise DataError(problems)
-    ids = [d.id for d in datasets]
+    _link_roles(datasets)
+    return datasets
+
+
+def _link_roles(datasets: list[DatasetConfig]) -> None:
+    """Mark edit and reference sets from conditioning_data and check what each role needs."""
+    ids, by_id, problems = [d.id for d in datasets], {d.id: d for d in datasets}, []
     problems += [f"dataset '{i}': the id is used twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
-    by_id = {d.id: d for d in datasets}
     for ds in datasets:
         if ds.conditioning_data == ds.id:
             problems.append(f"dataset '{ds.id}': conditioning_data names the dataset itself")
@@ -156,9 +177,8 @@ def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> l
         where = f"dataset '{ds.id}'"
         if ds.role == "reference" and ds.conditioning_data:
             problems.append(f"{where}: a reference dataset cannot have conditioning_data of its own")
-        if ds.role == "reference" and ds.caption_strategy:
-            problems.append(f"{where}: reference images take no captions (the edit set's are used)")
-        if ds.role != "reference" and not ds.caption_strategy:
+        refs = [by_id[ds.conditioning_data]] if ds.role == "edit" else []
+        if ds.role != "reference" and not ds.caption_strategy and not any(r.caption_strategy for r in refs):
             what = "its instructions" if ds.role == "edit" else "captions (or conditioning_data for edits)"
             problems.append(f"{where}: needs a caption_strategy for {what}")
         if ds.caption_strategy == "instanceprompt" and not ds.instance_prompt:
@@ -169,20 +189,24 @@ def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> l
                     problems.append(f"{where}: cache folder {cache} is inside the images of '{d.id}'")
     if problems:
         raise DataError(problems)
-    return datasets
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images and buckets
+# Images: read one way, turned into tensors one way; buckets
 
 # Pillow raises DecompressionBombError past 2x its own limit (~179 MP) and only warns between 1x and 2x; our
 # lower limit refuses those first, so no warning filter is needed (catch_warnings is not thread-safe anyway).
 READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+DEEP_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+TRANSPARENT = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-def load_rgb(path: Path, data: bytes | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_rgb(
+    path: Path, data: bytes | None = None, max_pixels: int = MAX_PIXELS, key: str = ""
+) -> Image.Image:
     """The image (from data if given, else read) fully decoded, EXIF-rotated, as 8-bit RGB with transparency
-    composited on white. Raises DataError naming the file when it is unreadable, truncated or too large."""
+    composited on white. Raises DataError naming the file (after `key`, e.g. "--ref") when it is unreadable,
+    truncated or too large."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may set it; truncated files must fail
     try:
         with Image.open(io.BytesIO(data) if data else path) as img:
@@ -190,27 +214,36 @@ def load_rgb(path: Path, data: bytes | None = None, max_pixels: int = MAX_PIXELS
                 raise OSError(f"{img.width}x{img.height} is over {max_pixels / 2**20:.0f} MP; downscale it")
             img.load()  # decodes everything: raises on a truncated file
             img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # deep grey: Pillow's convert clips it
+        if img.mode in DEEP_GREY:  # Pillow's convert would clip 16-bit grey
             a = np.asarray(img, dtype=np.float64)
             scale = 257.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0  # 65535 / 257 = 255
             img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        if img.mode in TRANSPARENT or "transparency" in img.info:
             rgba = img.convert("RGBA")  # a plain convert("RGB") shows the colour hidden under clear pixels
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return img.convert("RGB")
-    except READ_ERRORS as e:  # ValueError: also a mode Pillow cannot convert to RGB
-        raise DataError([f"{path}: cannot read image ({e})"]) from None
+    # ValueError: also a mode Pillow cannot convert to RGB
+    except READ_ERRORS as e:
+        raise DataError([f"{key + ' ' if key else ''}{path}: cannot read image ({e})"]) from None
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1], with diffusers' VaeImageProcessor arithmetic."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0)  # (1, H, W, 3)
+    # (1, 3, H, W) viewed, not copied: channels-last in memory like diffusers' tensor, so the VAE's convs pick
+    # the same kernels (in bf16 another memory layout rounds differently)
+    return (2 * x - 1).permute(0, 3, 1, 2)
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """[1, 3, H, W] in about [-1, 1] -> PIL image, rounded as diffusers does."""
+    x = (x[0] / 2 + 0.5).clamp(0, 1).float().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    return Image.fromarray((x * 255).round().astype(np.uint8))
 
 
 def fit(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     """Cover the bucket (W, H) and crop the centre; width stays width."""
     return ImageOps.fit(img, bucket, Image.LANCZOS, centering=(0.5, 0.5))
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1]."""
-    a = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
-    return (a.permute(2, 0, 1)[None].float() / 127.5 - 1.0).contiguous()  # (1, 3, H, W)
 
 
 def make_buckets(resolution: int, alignment: int = 64) -> list[tuple[int, int]]:
@@ -247,12 +280,22 @@ class Sample:
     entries: dict = field(default_factory=dict)  # by build_caches: target, reference, texts, empty
 
 
-def _list_images(folder: Path) -> dict[str, list[Path]]:
-    files: dict[str, list[Path]] = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if p.suffix.lower() in IMAGE_EXTS and not any(s.startswith(".") for s in rel.parts) and p.is_file():
+def _list_images(ds: DatasetConfig, notes: list[str]) -> dict[str, list[Path]]:
+    """{path inside the folder without extension: [image files]}; other files are noted as skipped."""
+    files, skipped = {}, []
+    for p in sorted(ds.instance_data_dir.rglob("*")):
+        rel = p.relative_to(ds.instance_data_dir)
+        if any(s.startswith(".") for s in rel.parts) or not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_EXTS:
             files.setdefault(rel.with_suffix("").as_posix(), []).append(p)
+        elif p.suffix.lower() != ".txt":
+            skipped.append(rel.as_posix())
+    if skipped:
+        exts = "/".join(sorted(IMAGE_EXTS))
+        notes.append(
+            f"dataset '{ds.id}': skipped {len(skipped)} file(s) that are not {exts}: {', '.join(skipped)}"
+        )
     return files
 
 
@@ -279,15 +322,50 @@ def _inspect(path: Path) -> tuple[str, tuple[int, int]] | str:
         return f"{path}: cannot read ({e})"
 
 
-def scan(datasets: list[DatasetConfig]) -> list[Sample]:
+def _pair(ds: DatasetConfig, listing: dict, by_id: dict, notes: list[str]) -> tuple[list[Sample], list[str]]:
+    """The samples of one edit or t2i set, and its problems (orphans, missing captions)."""
+    ref_ds = by_id.get(ds.conditioning_data)
+    refs = listing[ref_ds.id] if ref_ds else {}
+    samples, orphans, uncaptioned = [], [], []
+    for stem, (path, *_) in listing[ds.id].items():
+        ref = refs[stem][0] if stem in refs else None
+        # the seed: captions on the reference set, where a file has one, replace the edit set's
+        captions = (_captions(ref_ds, ref) if ref and ref_ds.caption_strategy else []) or _captions(ds, path)
+        if ref_ds and ref is None:
+            orphans.append(path.relative_to(ds.instance_data_dir).as_posix())
+        elif not captions:
+            uncaptioned.append(path.relative_to(ds.instance_data_dir).as_posix())
+        else:
+            samples.append(Sample(ds.id, path, ref, captions, ds.repeats))
+    problems = []
+    if orphans:
+        where = ref_ds.instance_data_dir
+        names = f"{len(orphans)} image(s): {', '.join(orphans)}"
+        problems.append(f"dataset '{ds.id}': no reference of the same name in {where} for {names}")
+    if uncaptioned:
+        what = "a caption" + (
+            " file (missing, empty, not UTF-8)" if ds.caption_strategy == "textfile" else ""
+        )
+        problems.append(f"dataset '{ds.id}': {len(uncaptioned)} without {what}: {', '.join(uncaptioned)}")
+    if ref_ds and (unused := sorted(set(refs) - set(listing[ds.id]))):
+        names = f"{len(unused)} reference(s) without an edit image, skipped: {', '.join(unused)}"
+        notes.append(f"dataset '{ref_ds.id}': {names}")
+    if ref_ds and ref_ds.caption_strategy:
+        rule = "SimpleTuner's rule; usually unwanted: drop its caption_strategy to keep the instructions"
+        notes.append(f"dataset '{ref_ds.id}' has captions: they replace those of '{ds.id}' ({rule})")
+    return samples, problems
+
+
+def scan(datasets: list[DatasetConfig], notes: list[str] | None = None) -> list[Sample]:
     """Every training sample, checked: pairs complete, captions present, every image decodes. Raises
-    DataError naming every offender; cheap checks come first so they answer fast."""
+    DataError naming every offender (cheap checks first); what is skipped is added to `notes`."""
     by_id, problems, samples, listing = {d.id: d for d in datasets}, [], [], {}
+    notes = [] if notes is None else notes
     for ds in datasets:
         if not ds.instance_data_dir.is_dir():
             problems.append(f"dataset '{ds.id}': instance_data_dir {ds.instance_data_dir} is not a folder")
             continue
-        listing[ds.id] = files = _list_images(ds.instance_data_dir)
+        listing[ds.id] = files = _list_images(ds, notes)
         if not files:
             problems.append(f"dataset '{ds.id}': no {'/'.join(sorted(IMAGE_EXTS))} in {ds.instance_data_dir}")
         for ps in (ps for ps in files.values() if len(ps) > 1):
@@ -295,23 +373,8 @@ def scan(datasets: list[DatasetConfig]) -> list[Sample]:
     if problems:
         raise DataError(problems)
     for ds in (d for d in datasets if d.role != "reference"):
-        refs, orphans, uncaptioned = listing[ds.conditioning_data] if ds.role == "edit" else {}, [], []
-        for stem, (path, *_) in listing[ds.id].items():
-            if ds.role == "edit" and stem not in refs:
-                orphans.append(path.relative_to(ds.instance_data_dir).as_posix())
-            elif not (captions := _captions(ds, path)):
-                uncaptioned.append(path.relative_to(ds.instance_data_dir).as_posix())
-            else:
-                samples.append(Sample(ds.id, path, refs[stem][0] if refs else None, captions, ds.repeats))
-        if orphans:
-            where = by_id[ds.conditioning_data].instance_data_dir
-            problems.append(f"dataset '{ds.id}': no reference of the same name in {where} for {len(orphans)} "
-                            f"image(s): {', '.join(orphans)}")  # fmt: skip
-        if uncaptioned:
-            what = "a caption" + (
-                " file (missing, empty, not UTF-8)" if ds.caption_strategy == "textfile" else ""
-            )
-            problems.append(f"dataset '{ds.id}': {len(uncaptioned)} without {what}: {', '.join(uncaptioned)}")
+        found, bad = _pair(ds, listing, by_id, notes)
+        samples, problems = samples + found, problems + bad
     if problems:
         raise DataError(problems)
     paths = sorted({p for s in samples for p in (s.target, s.reference) if p is not None})
@@ -336,25 +399,51 @@ def entry_name(*parts: str) -> str:
     return hashlib.sha256(json.dumps([CACHE_VERSION, *parts]).encode()).hexdigest() + ".safetensors"
 
 
-def _valid(path: Path, key: str, shape: tuple[int, ...] | None, ndim: int) -> bool:
+def read_entry(path: Path, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """An entry's tensor, read in full and checked (ours, the expected shape, finite); DataError otherwise."""
     try:
-        with safe_open(path, "pt") as f:
-            if (f.metadata() or {}).get("format") != CACHE_VERSION or key not in f.keys():
-                return False
-            got = tuple(f.get_slice(key).get_shape())
-    except (OSError, SafetensorError):  # missing, cut short by a crash, or not safetensors at all
-        return False
-    return len(got) == ndim and (shape is None or got == shape)
+        with open(path, "rb") as f:
+            raw = f.read()
+        n = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8 : 8 + n]).get("__metadata__", {}) if 8 < 8 + n <= len(raw) else {}
+        tensor = load_file(path)[key] if meta.get("format") == CACHE_VERSION else None
+    except (OSError, SafetensorError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError([f"cache entry {path}: unreadable ({type(e).__name__})"]) from None
+    if tensor is None:
+        raise DataError([f"cache entry {path}: not a {CACHE_VERSION} entry"])
+    if (shape is not None and tuple(tensor.shape) != shape) or tensor.ndim != (3 if key == "latent" else 2):
+        raise DataError([f"cache entry {path}: shape {tuple(tensor.shape)}, expected {shape or '[L, D]'}"])
+    if not torch.isfinite(tensor).all():
+        raise DataError([f"cache entry {path}: holds NaN or inf"])
+    return tensor
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], what: str = "") -> None:
+    """write(tmp) next to `path`, then move it into place: readers see the old file or the whole new one,
+    and a failed write (disk full, permissions) leaves nothing behind and ends in one line naming the path."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    # SafetensorError: safetensors' own writer reports a full disk this way
+    except (OSError, SafetensorError) as e:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            [f"{path}: cannot write {what}({getattr(e, 'strerror', None) or e}); free disk space or fix permissions"]
+        ) from None
 
 
 def _write(path: Path, key: str, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(save({key: tensor.detach().cpu().contiguous()}, {**metadata, "format": CACHE_VERSION}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a reader sees no entry or the whole one
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(save({key: tensor.detach().cpu().contiguous()}, {**metadata, "format": CACHE_VERSION}))
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic(path, write, "the cache entry ")
 
 
 def _load_fitted(path: Path, sha: str, bucket: tuple[int, int]) -> Image.Image:
@@ -379,68 +468,112 @@ class Report:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
+def plan_entries(
+    samples: list[Sample], datasets: list[DatasetConfig], model_id: str, dtype: str, te: str
+) -> None:
+    """Name every sample's entries (s.entries): latents by image, bucket, model and dtype; texts by caption,
+    (reference, bucket) for edits, model, dtype and the text encoder's precision `te`."""
+    by_id = {d.id: d for d in datasets}
+    for s in samples:
+        ds, (w, h) = by_id[s.dataset], s.bucket
+        ctx = [s.reference_hash, f"{w}x{h}"] if s.reference else []  # t2i text depends on the text alone
+        latent, text = [f"{w}x{h}", model_id, dtype], [*ctx, model_id, dtype, te]
+        s.entries = {
+            "target": ds.cache_dir_vae / entry_name("latent", s.target_hash, *latent),
+            "texts": [ds.cache_dir_text / entry_name("text", c, *text) for c in s.captions],
+            "empty": ds.cache_dir_text / entry_name("text", "", *text),
+        }
+        if s.reference:
+            ref_dir = by_id[ds.conditioning_data].cache_dir_vae
+            s.entries["reference"] = ref_dir / entry_name("latent", s.reference_hash, *latent)
+
+
+def _check_entries(samples: list[Sample], report: Report) -> dict[Path, bool]:
+    """{entry: valid} for every planned entry, read in full (threads: reading and isfinite drop the GIL)."""
+    jobs = {}
+    for s in samples:
+        shape = (LATENT_CHANNELS, s.bucket[1] // VAE_FACTOR, s.bucket[0] // VAE_FACTOR)
+        jobs.update({s.entries[k]: ("latent", shape) for k in ("target", "reference") if k in s.entries})
+        jobs.update({p: ("text", None) for p in [*s.entries["texts"], s.entries["empty"]]})
+
+    def check(item) -> bool:
+        path, (key, shape) = item
+        if not path.exists():
+            return False
+        try:
+            read_entry(path, key, shape)
+            return True
+        except DataError as e:
+            report.warnings.append(f"{e.problems[0]}: made again")
+            return False
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(jobs, pool.map(check, jobs.items()), strict=True))
+
+
 def build_caches(
     datasets: list[DatasetConfig],
     encode_latents: Callable[[torch.Tensor], torch.Tensor] | None,
     encode_text: Callable[[str, Image.Image | None], torch.Tensor] | None,
     model_id: str,
     dtype_name: str,
+    text_precision: str = "none",
     progress: bool = True,
     samples: list[Sample] | None = None,
+    notes: list[str] | None = None,
 ) -> Report:
-    """Write every missing cache entry, reuse every valid one. encode_latents: [1, 3, H, W] in [-1, 1] ->
-    [1, 16, H/8, W/8]; encode_text: (prompt, reference at the bucket size or None) -> [1, L, D]. With None
-    encoders it only checks (a miss is an error). `samples`: a scan the caller has just run."""
-    samples = scan(datasets) if samples is None else samples
-    by_id, status = {d.id: d for d in datasets}, {}  # status: entry -> valid; each checked once
-
-    def valid(path: Path, key: str, shape: tuple[int, ...] | None, ndim: int) -> bool:
-        if path not in status:
-            status[path] = _valid(path, key, shape, ndim)
-        return status[path]
-
-    todo = []
-    for s in samples:
-        ds, (w, h) = by_id[s.dataset], s.bucket
-        name = lambda kind, *parts: entry_name(kind, *parts, model_id, dtype_name)
-        ctx = [s.reference_hash, f"{w}x{h}"] if s.reference else []  # t2i text depends on the text alone
-        s.entries = {"target": ds.cache_dir_vae / name("latent", s.target_hash, f"{w}x{h}"),
-                     "texts": [ds.cache_dir_text / name("text", c, *ctx) for c in s.captions],
-                     "empty": ds.cache_dir_text / name("text", "", *ctx)}  # fmt: skip
-        if s.reference:
-            ref_dir = by_id[ds.conditioning_data].cache_dir_vae
-            s.entries["reference"] = ref_dir / name("latent", s.reference_hash, f"{w}x{h}")
-        shape = (LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR)
-        ok = [valid(s.entries[k], "latent", shape, 3) for k in ("target", "reference") if k in s.entries]
-        if not all(ok + [valid(p, "text", None, 2) for p in [*s.entries["texts"], s.entries["empty"]]]):
-            todo.append(s)
-    hits = sum(status.values())
-    if todo and (encode_latents is None or encode_text is None):
-        raise DataError([f"{len(status) - hits} cache entries are missing, e.g. for {todo[0].target}; "
-                         "build them with `python data.py <config.toml>`"])  # fmt: skip
-    written = 0
-    for s in tqdm(todo, desc="caching", unit="pair", disable=not (progress and todo)):
-        (w, h), meta = s.bucket, {"source": str(s.reference or s.target), "bucket": f"{w}x{h}"}
-        texts = zip([*s.captions, ""], [*s.entries["texts"], s.entries["empty"]], strict=True)
-        texts = [(c, p) for c, p in texts if not status[p]]
-        latents = [k for k in ("target", "reference") if k in s.entries and not status[s.entries[k]]]
-        need_ref = s.reference and ("reference" in latents or texts)
-        ref = _load_fitted(s.reference, s.reference_hash, s.bucket) if need_ref else None
-        for k in latents:
-            img = ref if k == "reference" else _load_fitted(s.target, s.target_hash, s.bucket)
+    """Write every missing or bad cache entry, reuse every valid one: all latents first, then all texts, so
+    each encoder is asked for only in its own pass (and not at all when its entries are complete).
+    encode_latents: [1, 3, H, W] in [-1, 1] -> [1, 16, H/8, W/8]; encode_text: (prompt, reference at the
+    bucket size or None) -> [1, L, D]. With None encoders it only checks (a miss is an error). `samples`: a
+    scan the caller has just run, with its `notes`."""
+    notes = [] if notes is None else notes
+    samples = scan(datasets, notes) if samples is None else samples
+    report = Report(samples, Counter((s.dataset, *s.bucket) for s in samples), warnings=list(notes))
+    plan_entries(samples, datasets, model_id, dtype_name, text_precision)
+    status = _check_entries(samples, report)
+    report.hits = sum(status.values())
+    if not all(status.values()) and (encode_latents is None or encode_text is None):
+        first = next(p for p, ok in status.items() if not ok)
+        n = len(status) - report.hits
+        raise DataError(
+            [f"{n} cache entries are missing or bad, e.g. {first}: build them with python data.py"]
+        )
+    latents = [
+        (s, k) for s in samples for k in ("target", "reference") if not status.get(s.entries.get(k), True)
+    ]
+    texts = [
+        (s, c, p)
+        for s in samples
+        for c, p in zip([*s.captions, ""], [*s.entries["texts"], s.entries["empty"]], strict=True)
+    ]
+    texts = [(s, c, p) for s, c, p in texts if not status[p]]
+    for s, k in tqdm(latents, desc="caching latents", unit="image", disable=not (progress and latents)):
+        path, image = s.entries[k], getattr(s, k)
+        if not status[path]:  # an earlier sample may share the entry
+            fitted = _load_fitted(image, s.reference_hash if k == "reference" else s.target_hash, s.bucket)
             with torch.inference_mode():
-                z = encode_latents(to_tensor(img))
-            assert z.shape == (1, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR), (k, z.shape, s.bucket)
-            _write(s.entries[k], "latent", z[0].float(), {**meta, "source": str(getattr(s, k))})
-            status[s.entries[k]], written = True, written + 1
-        for caption, path in texts:
-            if not status[path]:  # checked per entry: an earlier sample may have written the same one
-                with torch.inference_mode():
-                    t = encode_text(caption, ref)
-                assert t.ndim == 3 and t.shape[0] == 1, (caption, t.shape)
-                _write(path, "text", t[0], {**meta, "prompt": caption})
-                status[path], written = True, written + 1
-    report = Report(samples, Counter((s.dataset, *s.bucket) for s in samples), hits, written)
+                z = encode_latents(pil_to_tensor(fitted))
+            assert z.shape == (1, LATENT_CHANNELS, s.bucket[1] // VAE_FACTOR, s.bucket[0] // VAE_FACTOR), (
+                z.shape
+            )
+            _write(path, "latent", z[0].float(), {"source": str(image), "bucket": "{}x{}".format(*s.bucket)})
+            status[path], report.misses = True, report.misses + 1
+    ref, ref_of = None, None
+    for s, caption, path in tqdm(texts, desc="caching texts", unit="text", disable=not (progress and texts)):
+        if not status[path]:
+            if s.reference and ref_of is not s:  # the reference at the bucket size: Qwen sees it
+                ref, ref_of = _load_fitted(s.reference, s.reference_hash, s.bucket), s
+            with torch.inference_mode():
+                t = encode_text(caption, ref if s.reference else None)
+            assert t.ndim == 3 and t.shape[0] == 1, (caption, t.shape)
+            meta = {
+                "source": str(s.reference or s.target),
+                "bucket": "{}x{}".format(*s.bucket),
+                "prompt": caption,
+            }
+            _write(path, "text", t[0], meta)
+            status[path], report.misses = True, report.misses + 1
     for s in (s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]):
         report.warnings.append(f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}")
     return report
@@ -453,13 +586,15 @@ def build_caches(
 class Loader:
     """Shuffled batches from one bucket at a time, read from the caches. Yields dicts:
     target [B, 16, h, w] f32; reference [B, 16, h, w] f32 or None (t2i); text [B, L, D]; text_empty [B, L, D]
-    (the empty instruction with the same reference, for caption dropout); bucket (W, H); files [B targets].
+    (the empty instruction with the same reference, for caption dropout); bucket (W, H); files [B targets];
+    first, the place of the batch's first row in the global batch of all ranks.
 
     Epoch e, with a RNG seeded by (seed, e): the samples (each repeats + 1 times) are shuffled within their
     bucket and cut into global batches of batch_size x world_size; a smaller remainder is dropped, so every
     step has full, equal batches on every rank (the shuffle drops different ones each epoch). The global
     batches are shuffled; rank r takes the r-th slice of each, so all ranks share a bucket at every step.
-    Iteration runs on through epochs; state_dict() is the position of the next batch."""
+    Iteration runs on through epochs; state_dict() is the position of the next batch. Every entry is checked
+    as it is read (an entry damaged during the run stops it, named)."""
 
     def __init__(
         self, samples: list[Sample], batch_size: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1
@@ -501,16 +636,20 @@ class Loader:
     def load(self, items: list[tuple[int, int]]) -> dict:
         """One rank's batch from the cache files: a list of (sample index, caption variant)."""
         rows = [(self.samples[i], v) for i, v in items]
-        stack = lambda entry, key: torch.stack([load_file(entry(s, v))[key] for s, v in rows])
+        w, h = rows[0][0].bucket
+        shape = (LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR)
+
+        def stack(key: str, tensor: str, shape=None) -> torch.Tensor:
+            paths = [s.entries[key][v] if key == "texts" else s.entries[key] for s, v in rows]
+            return torch.stack([read_entry(p, tensor, shape) for p in paths])
+
         edit = rows[0][0].reference is not None
         return {
-            "target": stack(lambda s, v: s.entries["target"], "latent"),  # (B, 16, h, w)
-            "reference": stack(lambda s, v: s.entries["reference"], "latent")
-            if edit
-            else None,  # (B, 16, h, w)
-            "text": stack(lambda s, v: s.entries["texts"][v], "text"),  # (B, L, D)
-            "text_empty": stack(lambda s, v: s.entries["empty"], "text"),  # (B, L, D)
-            "bucket": rows[0][0].bucket,
+            "target": stack("target", "latent", shape),  # (B, 16, h, w)
+            "reference": stack("reference", "latent", shape) if edit else None,  # (B, 16, h, w)
+            "text": stack("texts", "text"),  # (B, L, D)
+            "text_empty": stack("empty", "text"),  # (B, L, D)
+            "bucket": (w, h),
             "files": [str(s.target) for s, _ in rows],
         }
 
@@ -520,12 +659,9 @@ class Loader:
             while self.index < len(batches):
                 items = batches[self.index]
                 self.index += 1  # before yielding, so a state_dict() taken after a batch points past it
-                yield self.load(items[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
+                first = self.rank * self.batch_size  # this rank's rows start here in the global batch
+                yield self.load(items[first : first + self.batch_size]) | {"first": first}
             self.epoch, self.index = self.epoch + 1, 0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI: python data.py config.toml
 
 
 def model_identity(path: Path) -> str:
@@ -539,58 +675,9 @@ def model_identity(path: Path) -> str:
     return f"{path.resolve()}#{h.hexdigest()[:16]}"
 
 
-def _run(config: Path) -> None:
-    cfg = tomllib.loads(config.read_text(encoding="utf-8"))
-    datasets = parse_datasets(cfg.get("datasets"), config.parent, cfg.get("aspect_bucket_alignment", 64))
-    samples = scan(datasets)  # every data problem surfaces here, before a checkpoint is touched
-    import model  # only the CLI needs a model; the functions above take encoders as arguments
-
-    name = cfg.get("pretrained_model_name_or_path", DEFAULT_CHECKPOINT)
-    local = config.parent / Path(name).expanduser()  # relative to the config, like the dataset paths
-    ckpt = model.resolve_checkpoint(local if local.exists() else name)
-    flavour = model.read_flavour(ckpt)
-    wrong = [d.id for d in datasets if d.role != "reference" and (d.role == "edit") != (flavour == "edit")]
-    if wrong:
-        why = "edit sets (with conditioning_data) need LongCat-Image-Edit, t2i sets LongCat-Image"
-        raise DataError([f"dataset(s) {', '.join(wrong)} do not fit the {flavour} checkpoint {ckpt}: {why}"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    loaded = {}  # each encoder loads at its first miss, so a complete cache loads nothing
-
-    def encode_latents(x: torch.Tensor) -> torch.Tensor:
-        if "vae" not in loaded:
-            loaded["vae"] = model.load_vae(ckpt, dtype, device)
-        return model.to_latent(loaded["vae"], x.to(device, dtype)).cpu()
-
-    def encode_text(prompt: str, ref: Image.Image | None) -> torch.Tensor:
-        if "te" not in loaded:
-            loaded["te"] = model.load_text_encoder(ckpt, dtype, device)
-        return loaded["te"].encode(prompt, ref).cpu()
-
-    dtype_name = str(dtype).removeprefix("torch.")
-    report = build_caches(
-        datasets, encode_latents, encode_text, model_identity(ckpt), dtype_name, samples=samples
-    )
-    loaded.clear()  # free the encoders
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    print(report.summary())
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check the datasets of a config and build their caches.")
-    parser.add_argument("config", type=Path, help="training config (TOML) with [[datasets]]")
-    args = parser.parse_args(argv)
-    try:
-        _run(args.config)
-    except DataError as e:
-        print("\n".join(f"error: {p}" for p in e.problems), file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:  # bad TOML, no config file, checkpoint not found: no traceback needed
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python data.py config.toml [--key=value ...]`: train.py's config, checkpoint and encoders, stopping
+    # once the data is checked and cached (one config reader and one model loader for both).
+    import train
+
+    train.main(sys.argv[1:], prepare_only=True)

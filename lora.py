@@ -186,9 +186,12 @@ def save_lora(
     rank: int | None = None,
     alpha: float | None = None,
     metadata: dict | None = None,
+    fold: bool = True,
 ) -> None:
-    """Write a diffusers + ComfyUI LoRA file (layout in the module docstring). From a model, rank and alpha
-    are read off its layers; from a state dict, rank comes from the shapes and alpha defaults to rank.
+    """Write a LoRA file (layout in the module docstring). From a model, rank and alpha are read off its
+    layers; from a state dict, rank comes from the shapes and alpha defaults to rank. fold=True (the file
+    people share) multiplies lora_B by alpha / rank and records alpha = rank, so every loader applies scale
+    1.0 and agrees; fold=False keeps B and alpha as trained (training checkpoints, to resume exactly).
     `metadata` adds top-level safetensors metadata entries (e.g. the training config), JSON-encoded."""
     dropout = 0.0
     if isinstance(model_or_state, nn.Module):
@@ -216,8 +219,10 @@ def save_lora(
     if rank is None or shapes - {rank}:
         raise ValueError(f"save_lora writes one rank; the lora_A tensors have ranks {sorted(shapes)}")
     alpha = float(rank if alpha is None else alpha)
-    tensors = {f"transformer.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
-    tensors.update({f"transformer.{m}.alpha": torch.tensor(alpha) for m in modules})
+    tensors = {f"transformer.{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}
+    if fold:
+        tensors = {k: v * (alpha / rank) if ".lora_B." in k else v for k, v in tensors.items()}
+        alpha = float(rank)
     config = {
         "r": rank, "lora_alpha": alpha, "target_modules": modules, "lora_dropout": dropout,
         "bias": "none", "use_dora": False, "use_rslora": False, "init_lora_weights": True,
@@ -231,7 +236,7 @@ def save_lora(
     safetensors.torch.save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def _read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, peft config dict) of a LoRA file; the config from its metadata or adapter_config.json."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -239,10 +244,15 @@ def _read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if not found:
             raise ValueError(f"{path} holds none of {FILE_NAMES}")
         path = found[0]
-    with safetensors.safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    except (OSError, safetensors.SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{path}: not a readable safetensors LoRA ({str(e).splitlines()[0][:120]})"
+        ) from None
     beside = os.path.join(os.path.dirname(path), "adapter_config.json")
     if not config and os.path.isfile(beside):
         with open(beside) as f:
@@ -250,13 +260,15 @@ def _read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, {k.removeprefix("transformer."): v for k, v in config.items()}
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0) -> list[str]:
-    """Load a LoRA file (ours, diffusers, peft, kohya-dotted) into `model`, injecting adapters where needed.
-    Every key is checked against the model before anything changes; returns the adapted module names."""
-    tensors, config = _read_lora_file(path)
+def read_lora(path: str | os.PathLike) -> tuple[str, dict[str, dict], dict]:
+    """(path, {module: {"A": (key, tensor), "B": ..., "alpha": ...}}, config) of a LoRA file (ours,
+    diffusers, peft, kohya-dotted), every tensor checked to be a plain, finite LoRA tensor."""
+    tensors, config = _read_file(path)
     if config.get("use_dora"):
         raise ValueError(f"{path}: DoRA adapters are not supported")
-    found: dict[str, dict] = {}  # module -> {"A": (key, tensor), "B": ..., "alpha": ...}
+    if not tensors:
+        raise ValueError(f"{path}: holds no tensors")
+    found: dict[str, dict] = {}
     for key, t in tensors.items():
         k = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)  # peft's lora_A.<adapter>.weight
         k = k.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight")
@@ -265,30 +277,44 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0) -> 
         match = re.fullmatch(r"(.+)\.(?:lora_(A|B)\.weight|(alpha))", k)
         if match is None:
             raise ValueError(
-                f"{key}: not a plain LoRA tensor (expected <module>.lora_A/lora_B.weight or .alpha)"
+                f"{path}: {key} is not a plain LoRA tensor (<module>.lora_A/lora_B.weight or .alpha)"
             )
-        module, kind = match[1], match[2] or "alpha"
-        found.setdefault(module, {})[kind] = (key, t)
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ValueError(f"{path}: {key} holds NaN, inf or non-float values")
+        found.setdefault(match[1], {})[match[2] or "alpha"] = (key, t)
+    return os.fspath(path), found, config
+
+
+def check_lora(model: nn.Module, path: str, found: dict[str, dict], config: dict) -> None:
+    """Every module a LoRA file names exists in `model` as a Linear, unmerged, with matching shapes. Works
+    on a meta-device model, so a file can be checked before any weight is loaded."""
     modules = dict(model.named_modules())
     for name in sorted(found):
         parts = found[name]
-        key = next(iter(parts.values()))[0]
-        m = modules.get(name)
+        key, m = next(iter(parts.values()))[0], modules.get(name)
         if m is None:
-            raise ValueError(f"{key}: the model has no module {name!r}")
+            raise ValueError(f"{path}: {key}: the model has no module {name!r} (a LoRA for another model?)")
         if not hasattr(m, "in_features") or not hasattr(m, "out_features"):
-            raise ValueError(f"{key}: module {name!r} is a {type(m).__name__}, not a Linear")
+            raise ValueError(f"{path}: {key}: module {name!r} is a {type(m).__name__}, not a Linear")
         if isinstance(m, LoRALinear) and m.merged:
-            raise ValueError(
-                f"{key}: module {name!r} has a merged adapter; unmerge or merge_and_unload first"
-            )
+            raise ValueError(f"{path}: {key}: module {name!r} has a merged adapter; unmerge it first")
         if "A" not in parts or "B" not in parts:
-            raise ValueError(f"{key}: module {name!r} needs both lora_A and lora_B")
+            raise ValueError(f"{path}: {key}: module {name!r} needs both lora_A and lora_B")
         (key_a, a), (key_b, b) = parts["A"], parts["B"]
-        r = a.shape[0]
-        for k, t, expected in ((key_a, a, (r, m.in_features)), (key_b, b, (m.out_features, r))):
+        for k, t, expected in (
+            (key_a, a, (a.shape[0], m.in_features)),
+            (key_b, b, (m.out_features, a.shape[0])),
+        ):
             if tuple(t.shape) != expected:
-                raise ValueError(f"{k}: expected shape {expected}, got {tuple(t.shape)}")
+                raise ValueError(f"{path}: {k}: expected shape {expected}, got {tuple(t.shape)}")
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0) -> list[str]:
+    """Load a LoRA file (ours, diffusers, peft, kohya-dotted) into `model`, injecting adapters where needed.
+    Every key is checked against the model before anything changes; returns the adapted module names."""
+    path, found, config = read_lora(path)
+    check_lora(model, path, found, config)
+    modules = dict(model.named_modules())
     for name, parts in found.items():
         (_, a), (_, b), m = parts["A"], parts["B"], modules[name]
         r = a.shape[0]

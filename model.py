@@ -1,5 +1,5 @@
-"""LongCat-Image(-Edit) by hand: the MM-DiT transformer, the FLUX.1 VAE, latent packing and position ids,
-the flow-matching schedule and sampler, Qwen2.5-VL prompt encoding, and loading of the released checkpoints.
+"""LongCat-Image(-Edit) by hand: the MM-DiT transformer, the FLUX.1 VAE, latent packing and position ids, the
+flow-matching schedule, and loading of the released checkpoints (safetensors, every byte checked).
 
 References
 - LongCat-Image technical report, arXiv:2512.07584; checkpoints meituan-longcat/LongCat-Image{,-Dev,-Edit}.
@@ -8,15 +8,15 @@ References
 Module attributes carry the released (diffusers) tensor names, so a checkpoint loads strictly with no
 renaming. Every number here was checked against diffusers' LongCatImageTransformer2DModel, AutoencoderKL and
 the LongCatImage(Edit)Pipeline on the same weights (tests/). The spec we follow: shared/SPEC.md.
+Sections, in reading order: the transformer, the VAE, latents + ids + schedule, loading. The sampler and the
+prompt encoding are the pipeline's (validate.py); the tiny random checkpoint is tiny.py's.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 def _from_json(cls, path: Path):
     """A config dataclass from a diffusers config.json, ignoring its bookkeeping ("_class_name", ...)."""
-    raw = json.loads(Path(path).read_text())
+    raw = read_json(path)
     known = {f.name for f in fields(cls)}
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known})
 
@@ -58,32 +58,64 @@ class TransformerConfig:
     axes_dims_rope: tuple = (16, 56, 56)  # (modality, row, col); sums to attention_head_dim
 
 
-def rope(ids: torch.Tensor, axes_dims, theta: float = 10000.0) -> torch.Tensor:
-    """Rotations e^(i angle) [S, head_dim / 2] (complex64) for positions ids [S, n_axes], one per pair."""
+def rope(ids: torch.Tensor, axes_dims, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [S, head_dim] in float32 for positions ids [S, n_axes]; each pair's angle appears twice."""
     # float64 angles keep positions ~1000 exact; MPS has no float64, so it gets float32 there.
     f64 = torch.float32 if ids.device.type == "mps" else torch.float64
     angles = []
     for i, d in enumerate(axes_dims):
-        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=f64, device=ids.device) / d)  # [d/2]
-        angles.append(torch.outer(ids[:, i].float(), freqs))  # [S, d/2]
-    angles = torch.cat(angles, dim=-1)
-    return torch.complex(
-        angles.cos().float(), angles.sin().float()
-    )  # cos, sin rounded to float32 as diffusers
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=f64, device=ids.device) / d)  # (d/2,)
+        angles.append(torch.outer(ids[:, i].to(f64), freqs))  # (S, d/2)
+    angles = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)  # (S, head_dim)
+    return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), i.e. multiply the pair
-    x0 + i x1 by e^(i angle), in float32; x [B, S, H, D]."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2)
-    return torch.view_as_real(pairs * freqs[:, None]).flatten(-2).to(x.dtype)  # (B, S, H, D)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair (x0, x1) by its angle: (x0 cos - x1 sin, x1 cos + x0 sin), in float32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+    turned = torch.stack([-x1, x0], dim=-1).flatten(-2)  # (B, S, H, D): each pair turned by 90 degrees
+    return (x.float() * cos[:, None] + turned * sin[:, None]).to(x.dtype)
+
+
+# Which SDPA kernels attention() may use, with and without autograd (set_attention_backend); None = torch's.
+SDPA_BACKENDS: dict[bool, list | None] = {True: None, False: None}
+ATTENTION_CHOICES = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def attention_backends(name: str) -> dict[bool, list | None]:
+    """{grad enabled: the SDPA kernels allowed (None: torch's choice)} for a backend name. "auto" is torch's
+    choice, except that cuDNN attention is never used where a backward pass will run: its backward crashed
+    (and the tiny demo's loss went NaN) on an H200 with torch 2.11 (research/gpu_h200.md)."""
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"{name!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+    if name == "auto":
+        return {
+            True: [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+            False: None,
+        }
+    return dict.fromkeys((True, False), [ATTENTION_CHOICES[name]])
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the transformer's attention kernels (chosen per call, so checkpoint recomputation agrees)."""
+    SDPA_BACKENDS.update(attention_backends(name))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full attention, no mask: q, k, v [B, S, H, D] -> [B, S, H*D]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    )  # (B, H, S, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+    backends = SDPA_BACKENDS[torch.is_grad_enabled()]
+    if backends is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        with sdpa_kernel(backends):
+            out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)  # (B, S, H*D)
 
 
@@ -105,10 +137,11 @@ class Modulation(nn.Module):
 
     def __init__(self, dim: int, n: int):
         super().__init__()
+        self.n = n
         self.linear = nn.Linear(dim, n * dim)
 
     def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(F.silu(temb)).chunk(self.linear.out_features // self.linear.in_features, dim=-1)
+        return self.linear(F.silu(temb)).chunk(self.n, dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -146,28 +179,37 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """`attn`: q/k/v projections with per-head RMSNorm; `context=True` adds the text stream's projections."""
+    """`attn`: q/k/v projections with per-head RMSNorm; `context=True` adds the text stream's projections and
+    both output projections (the single blocks have their own `proj_out` instead)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context: bool):
         super().__init__()
+        inner = heads * head_dim
         self.heads = heads
-        proj, norm = lambda: nn.Linear(dim, heads * head_dim), lambda: nn.RMSNorm(head_dim, eps=1e-6)
-        self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k = proj(), proj(), proj(), norm(), norm()
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
         if context:
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = proj(), proj(), proj()
-            self.norm_added_q, self.norm_added_k = norm(), norm()
-            self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
-            self.to_add_out = nn.Linear(heads * head_dim, dim)
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=1e-6)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def _heads(self, x, to_q, to_k, to_v, norm_q, norm_k):
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in (to_q, to_k, to_v))  # (B, S, H, D)
+        return norm_q(q), norm_k(k), v
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        projs = (self.to_q, self.to_k, self.to_v)
-        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in projs)  # (B, S, H, D)
-        return self.norm_q(q), self.norm_k(k), v
+        return self._heads(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
 
     def qkv_context(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         projs = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
-        q, k, v = (p(c).unflatten(-1, (self.heads, -1)) for p in projs)  # (B, L, H, D)
-        return self.norm_added_q(q), self.norm_added_k(k), v
+        return self._heads(c, *projs, self.norm_added_q, self.norm_added_k)
 
 
 class JointBlock(nn.Module):
@@ -175,21 +217,20 @@ class JointBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
-        self.norm1, self.norm1_context = Modulation(dim, 6), Modulation(dim, 6)
+        self.norm1 = Modulation(dim, 6)
+        self.norm1_context = Modulation(dim, 6)
         self.attn = Attention(dim, heads, head_dim, context=True)
-        self.ff, self.ff_context = MLP(dim), MLP(dim)
+        self.ff = MLP(dim)
+        self.ff_context = MLP(dim)
 
-    def forward(self, img, txt, temb, freqs):
+    def forward(self, img, txt, temb, cos, sin):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(temb)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
         q, k, v = self.attn.qkv(modulate(img, shift1, scale1))
         cq, ck, cv = self.attn.qkv_context(modulate(txt, c_shift1, c_scale1))
-        q, k, v = (
-            torch.cat([cq, q], dim=1),
-            torch.cat([ck, k], dim=1),
-            torch.cat([cv, v], dim=1),
-        )  # (B, L+N, H, D)
-        out = attention(apply_rope(q, freqs), apply_rope(k, freqs), v)
+        q = apply_rope(torch.cat([cq, q], dim=1), cos, sin)  # (B, L+N, H, D)
+        k = apply_rope(torch.cat([ck, k], dim=1), cos, sin)
+        out = attention(q, k, torch.cat([cv, v], dim=1))
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
         # gated residuals, rounded as diffusers does (a fused addcmul would differ by an ulp in bf16)
         img = img + gate1[:, None] * self.attn.to_out[0](img_out)
@@ -211,20 +252,23 @@ class SingleBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, 4 * dim)
         self.proj_out = nn.Linear(dim + 4 * dim, dim)
 
-    def forward(self, x, temb, freqs):
+    def forward(self, x, temb, cos, sin):
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
         q, k, v = self.attn.qkv(h)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        attn = attention(apply_rope(q, freqs), apply_rope(k, freqs), v)  # (B, S, D)
+        attn = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)  # (B, S, D)
         x = x + gate[:, None] * self.proj_out(torch.cat([attn, mlp], dim=-1))
         return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-# Selective checkpointing (gradient_checkpointing = "keep_attention"): attention is the costliest op to redo
-# in the backward pass while its output is only [B, S, D] per block, so keep it and recompute the rest.
-ATTENTION_OPS = [getattr(torch.ops.aten, n).default for n in dir(torch.ops.aten)
-                 if n.startswith("_scaled_dot_product") and not n.endswith("backward")]  # fmt: skip
+# Selective checkpointing (checkpoint_keep_attention): attention is the costliest op to redo in the
+# backward pass while its output is only [B, S, D] per block, so it is kept and the rest is recomputed.
+ATTENTION_OPS = [
+    getattr(torch.ops.aten, name).default
+    for name in dir(torch.ops.aten)
+    if name.startswith("_scaled_dot_product") and not name.endswith("backward")
+]
 
 
 def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -251,27 +295,37 @@ class LongCatTransformer(nn.Module):
         )
         self.norm_out = Modulation(dim, 2)  # chunks are (scale, shift), in that order
         self.proj_out = nn.Linear(dim, c.in_channels)
-        self.gradient_checkpointing = False  # or True, or "keep_attention"
+        self.gradient_checkpointing = False  # recompute each block in the backward pass ...
+        self.checkpoint_keep_attention = False  # ... except its attention output
 
     def forward(self, img, txt, sigma, img_ids, txt_ids) -> torch.Tensor:
         """img [B, N, 64], txt [B, L, joint_attention_dim], sigma [B] in [0, 1], img_ids [N, 3],
         txt_ids [L, 3] -> velocity [B, N, 64]."""
         img, txt = self.x_embedder(img), self.context_embedder(txt)
         temb = self.time_embed.timestep_embedder(sigma.to(img.dtype) * 1000, img.dtype)  # (B, D)
-        freqs = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # (L+N, head_dim/2), once
-        run = lambda f, *a: f(*a)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            kw = {}
-            if self.gradient_checkpointing == "keep_attention":  # recompute all but the attention itself
-                kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
-            run = lambda f, *a: checkpoint(f, *a, use_reentrant=False, **kw)
+        cos, sin = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # (L+N, head_dim), once
         for block in self.transformer_blocks:
-            img, txt = run(block, img, txt, temb, freqs)
+            img, txt = self._run(block, img, txt, temb, cos, sin)
         x = torch.cat([txt, img], dim=1)  # (B, L+N, D): the single blocks see one stream
         for block in self.single_transformer_blocks:
-            x = run(block, x, temb, freqs)
+            x = self._run(block, x, temb, cos, sin)
         scale, shift = self.norm_out(temb.to(x.dtype))
         return self.proj_out(modulate(x[:, txt.shape[1] :], shift, scale))
+
+    def _run(self, block: nn.Module, *args):
+        """One block, checkpointed when training with gradient_checkpointing on."""
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return block(*args)
+        kw = {}
+        if self.checkpoint_keep_attention:
+            kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
+        return checkpoint(block, *args, use_reentrant=False, **kw)
+
+    def compile_blocks(self) -> None:
+        """Regional compilation: each block compiled on its own; the joint blocks share one compiled graph and
+        the single blocks another (same code, weights as inputs), so it costs two compiles, not thirty."""
+        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+            block.compile()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,8 +355,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
@@ -364,21 +420,9 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Stage(nn.Module):
-    """`down_blocks.N` / `up_blocks.N`: resnets then an optional resampler."""
-
-    def __init__(self, cin: int, cout: int, n: int, groups: int, resample: type | None, key: str):
-        super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, groups) for i in range(n))
-        self.key = key
-        setattr(self, key, nn.ModuleList([resample(cout)] if resample else []))
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        for r in getattr(self, self.key):
-            x = r(x)
-        return x
+def resnets(cin: int, cout: int, n: int, groups: int) -> nn.ModuleList:
+    """`down_blocks.N.resnets` / `up_blocks.N.resnets`: n ResBlocks, the first one changing channels."""
+    return nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, groups) for i in range(n))
 
 
 class Encoder(nn.Module):
@@ -386,27 +430,21 @@ class Encoder(nn.Module):
 
     def __init__(self, c: VAEConfig):
         super().__init__()
-        ch, g = c.block_out_channels, c.norm_num_groups
+        ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList(
-            Stage(
-                ch[max(i - 1, 0)],
-                ch[i],
-                c.layers_per_block,
-                g,
-                Downsample if i < len(ch) - 1 else None,
-                "downsamplers",
-            )
-            for i in range(len(ch))
-        )
+        self.down_blocks = nn.ModuleList(nn.Module() for _ in range(n))
+        for i, block in enumerate(self.down_blocks):  # resnets, then a downsampler except at the bottom
+            block.resnets = resnets(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g)
+            block.downsamplers = nn.ModuleList([Downsample(ch[i])] if i < n - 1 else [])
         self.mid_block = MidBlock(ch[-1], g, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)
-        for b in self.down_blocks:
-            x = b(x)
+        for block in self.down_blocks:
+            for m in [*block.resnets, *block.downsamplers]:
+                x = m(x)
         return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
 
 
@@ -415,27 +453,21 @@ class Decoder(nn.Module):
 
     def __init__(self, c: VAEConfig):
         super().__init__()
-        ch, g = tuple(reversed(c.block_out_channels)), c.norm_num_groups
+        ch, g, n = tuple(reversed(c.block_out_channels)), c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, c.mid_block_add_attention)
-        self.up_blocks = nn.ModuleList(
-            Stage(
-                ch[max(i - 1, 0)],
-                ch[i],
-                c.layers_per_block + 1,
-                g,
-                Upsample if i < len(ch) - 1 else None,
-                "upsamplers",
-            )
-            for i in range(len(ch))
-        )
+        self.up_blocks = nn.ModuleList(nn.Module() for _ in range(n))
+        for i, block in enumerate(self.up_blocks):  # resnets, then an upsampler except at the top
+            block.resnets = resnets(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, g)
+            block.upsamplers = nn.ModuleList([Upsample(ch[i])] if i < n - 1 else [])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
-        for b in self.up_blocks:
-            x = b(x)
+        for block in self.up_blocks:
+            for m in [*block.resnets, *block.upsamplers]:
+                x = m(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
@@ -468,40 +500,14 @@ class VAE(nn.Module):
 
 def to_latent(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     """Image in [-1, 1] -> the normalised latent the transformer sees: (mean - shift) * scale."""
-    return (
-        vae.encode(x.to(next(vae.parameters()).dtype)) - vae.config.shift_factor
-    ) * vae.config.scaling_factor
+    mean = vae.encode(x.to(next(vae.parameters()).dtype))
+    return (mean - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 def from_latent(vae: VAE, z: torch.Tensor) -> torch.Tensor:
     """Normalised latent -> image in [-1, 1] (not clamped)."""
-    return vae.decode(
-        (z / vae.config.scaling_factor + vae.config.shift_factor).to(next(vae.parameters()).dtype)
-    )
-
-
-def pil_to_tensor(image) -> torch.Tensor:
-    """PIL image -> [1, 3, H, W] float32 in [-1, 1] (as diffusers' VaeImageProcessor)."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0)  # (1, H, W, 3)
-    # (1, 3, H, W) viewed, not copied: channels-last in memory like diffusers' tensor, so the VAE's convs pick
-    # the same kernels (in bf16 another memory layout rounds differently)
-    return (2 * x - 1).permute(0, 3, 1, 2)
-
-
-def tensor_to_pil(x: torch.Tensor):
-    """[1, 3, H, W] in [-1, 1] -> PIL image, rounded as diffusers does."""
-    from PIL import Image
-
-    x = (x[0] / 2 + 0.5).clamp(0, 1).float().permute(1, 2, 0).cpu().numpy()  # (H, W, 3), rounded as diffusers
-    return Image.fromarray((x * 255).round().astype(np.uint8))
-
-
-def edit_size(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, int]:
-    """The edit pipeline's output size: ~area pixels at the input's aspect ratio, sides rounded up to 16."""
-    w = math.sqrt(area * width / height)
-    h = w / (width / height)
-    up = lambda v: int(v if v % 16 == 0 else (v // 16 + 1) * 16)
-    return up(w), up(h)
+    raw = z / vae.config.scaling_factor + vae.config.shift_factor
+    return vae.decode(raw.to(next(vae.parameters()).dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -551,226 +557,44 @@ def time_shift(mu: float, sigma: torch.Tensor) -> torch.Tensor:
     return e / (e + (1 / sigma - 1))
 
 
+def static_shift(s: float, sigma: torch.Tensor) -> torch.Tensor:
+    """A fixed shift s: sigma' = s sigma / (1 + (s - 1) sigma) (s = 1 changes nothing)."""
+    return s * sigma / (1 + (s - 1) * sigma)
+
+
 def schedule(steps: int, seq_len: int, sched: dict) -> torch.Tensor:
     """sigmas [steps + 1] in float32, from 1 (noise) down to 0, shifted for this many target tokens."""
-    sigmas = torch.from_numpy(
-        np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
-    )  # numpy's, as diffusers
+    # numpy's linspace, as diffusers: torch's rounds some steps differently in float32
+    sigmas = torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))
     if sched.get("use_dynamic_shifting", True):
         sigmas = time_shift(shift_mu(seq_len, sched), sigmas)
-    else:  # a static shift s: sigma' = s sigma / (1 + (s - 1) sigma)
-        s = sched.get("shift", 1.0)
-        sigmas = s * sigmas / (1 + (s - 1) * sigmas)
+    else:
+        sigmas = static_shift(sched.get("shift", 1.0), sigmas)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def initial_noise(
-    seed: int, height: int, width: int, dtype: torch.dtype, draw_dtype: torch.dtype | None = None
-):
-    """The pipelines' starting noise [1, 16, H/8, W/8], drawn on the CPU so a seed means the same everywhere.
-    The edit pipeline draws in its own dtype, the t2i pipeline in float32 then casts (draw_dtype)."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((1, 16, height // 8, width // 8), generator=g, dtype=draw_dtype or dtype).to(dtype)
-
-
-@torch.no_grad()
-def sample(
-    transformer: LongCatTransformer,
-    noise: torch.Tensor,
-    txt: torch.Tensor,
-    neg_txt: torch.Tensor | None,
-    sigmas: torch.Tensor,
-    guidance: float = 4.5,
-    ref: torch.Tensor | None = None,
-    cfg_renorm: bool = False,
-    cfg_renorm_min: float = 0.0,
-    callback=None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Euler sampler over the flow: noise [1, 16, h, w] normalised latent -> latent [1, 16, h, w].
-
-    txt / neg_txt [1, L, D] prompt embeddings (neg used when guidance > 1), ref [1, 16, h, w] the clean
-    reference latent for editing (its tokens ride along with modality 2; only target tokens are kept).
-    callback(i, latent [1, 16, h, w]) is called after each step.
-    """
-    from tqdm.auto import tqdm
-
-    _, _, h, w = noise.shape
-    dev, dtype = noise.device, noise.dtype
-    x = pack(noise)  # (1, N, 64)
-    n = x.shape[1]
-    ref_tokens = pack(ref.to(dtype)) if ref is not None else None
-    use_cfg = guidance > 1 and neg_txt is not None
-
-    def ids(L):
-        img = image_ids(h // 2, w // 2, L, 1, dev)
-        return torch.cat([img, image_ids(h // 2, w // 2, L, 2, dev)]) if ref is not None else img
-
-    conds = [(txt, ids(txt.shape[1]), text_ids(txt.shape[1], dev))]
-    if use_cfg:
-        conds.append((neg_txt, ids(neg_txt.shape[1]), text_ids(neg_txt.shape[1], dev)))
-    for i in tqdm(range(len(sigmas) - 1), desc="sampling", disable=not progress, leave=False):
-        # diffusers hands the model (sigma * 1000 in the model dtype) / 1000: match it for bit parity.
-        t = ((sigmas[i] * 1000).to(dtype) / 1000).expand(1).to(dev)
-        inp = x if ref_tokens is None else torch.cat([x, ref_tokens], dim=1)  # (1, N [+ N], 64)
-        v, *v_neg = (transformer(inp, c, t, im, tx)[:, :n] for c, im, tx in conds)
-        if use_cfg:
-            v_c, v = v, v_neg[0] + guidance * (v - v_neg[0])
-            if cfg_renorm:  # rescale each token so the guided velocity is never longer than the conditional
-                s = v_c.norm(dim=-1, keepdim=True) / (v.norm(dim=-1, keepdim=True) + 1e-8)
-                v = v * s.clamp(cfg_renorm_min, 1)
-        x = (x.float() + (sigmas[i + 1] - sigmas[i]).to(dev) * v).to(v.dtype)  # Euler, in float32
-        if callback is not None:
-            callback(i, unpack(x, h, w))
-    return unpack(x, h, w)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Prompt encoding with Qwen2.5-VL (SPEC §4)
+# Loading: safetensors read by hand, every byte checked, names and shapes strict
 
-T2I_PREFIX = (
-    "<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt based on an image "
-    "content, suitable for input to a text-to-image model.<|im_end|>\n<|im_start|>user\n"
-)
-EDIT_PREFIX = (
-    "<|im_start|>system\nAs an image editing expert, first analyze the content and attributes of the input "
-    "image(s). Then, based on the user's editing instructions, clearly and precisely determine how to modify "
-    "the given image(s), ensuring that only the specified parts are altered and all other aspects remain "
-    "consistent "
-    "with the original(s).<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-)
-SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
-MAX_PROMPT_TOKENS = 512
-QUOTES = [("'", "'"), ('"', '"'), ("\u2018", "\u2019"), ("\u201c", "\u201d")]
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
-def split_quotes(prompt: str) -> list[tuple[str, bool]]:
-    """Split a prompt into (text, quoted) spans; quoted spans keep their quote marks.
-    Apostrophes inside words ("don't") are not quotes: they are hidden before splitting, restored after."""
-    words = sorted(set(re.findall(r"[a-zA-Z]+'[a-zA-Z]+", prompt)))
-    hidden = [(w, "longcat_$##$_longcat" * (i + 1)) for i, w in enumerate(words)]
-    for w, mark in sorted(
-        hidden, key=lambda p: -len(p[1])
-    ):  # longest mark first: marks are prefixes of others
-        prompt = prompt.replace(w, mark)
-    quoted = "|".join(re.escape(a) + "[^" + re.escape(a + b) + "]*?" + re.escape(b) for a, b in QUOTES)
-    spans = []
-    for part in re.split(f"({quoted})", prompt):
-        for w, mark in sorted(hidden, key=lambda p: -len(p[1])):
-            part = part.replace(mark, w)
-        if part:
-            spans.append((part, re.match(quoted, part) is not None))
-    return spans
-
-
-class TextEncoder:
-    """Qwen2.5-VL-7B as LongCat uses it: the chat template around the prompt, the last hidden state kept for
-    the prompt's 512 positions (t2i) or for the reference image's tokens and the prompt (edit)."""
-
-    def __init__(self, model, tokenizer, image_processor):
-        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
-
-    def tokenize(self, prompt: str) -> list[int]:
-        """Quoted text goes one character at a time (so the model can spell it), the rest normally; <= 512."""
-        tok = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]
-        ids = [
-            i
-            for text, quoted in split_quotes(prompt)
-            for i in ([j for ch in text for j in tok(ch)] if quoted else tok(text))
-        ]
-        return ids[:MAX_PROMPT_TOKENS]
-
-    @torch.no_grad()
-    def encode(self, prompt: str, image=None) -> torch.Tensor:
-        """Prompt (and, for editing, the reference PIL image at the output size) -> embeddings [1, L, D].
-        t2i: L = 512. Edit: the reference goes to Qwen at half size; L = 2 + N_vl + 512."""
-        tok = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]
-        ids = self.tokenize(prompt)
-        pad = self.tokenizer.pad_token_id
-        prompt_ids, prompt_mask = (
-            ids + [pad] * (MAX_PROMPT_TOKENS - len(ids)),
-            [1] * len(ids) + [0] * (MAX_PROMPT_TOKENS - len(ids)),
-        )
-        extra = {}
-        if image is None:
-            prefix = tok(T2I_PREFIX)
-            start = len(prefix)
-        else:
-            from PIL import Image
-
-            half = image.convert("RGB").resize((image.width // 2, image.height // 2), Image.LANCZOS)
-            vl = self.image_processor(images=half, return_tensors="pt")
-            n_vl = int(vl["image_grid_thw"].prod()) // self.image_processor.merge_size**2
-            prefix = tok(EDIT_PREFIX.replace("<|image_pad|>", "<|image_pad|>" * n_vl))
-            start = prefix.index(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-            extra = {"pixel_values": vl["pixel_values"], "image_grid_thw": vl["image_grid_thw"]}
-        suffix = tok(SUFFIX)
-        dev = next(self.model.parameters()).device
-        input_ids = torch.tensor([prefix + prompt_ids + suffix], device=dev)
-        mask = torch.tensor([[1] * len(prefix) + prompt_mask + [1] * len(suffix)], device=dev)
-        extra = {k: v.to(dev) for k, v in extra.items()}
-        if "pixel_values" in extra:
-            extra["pixel_values"] = extra["pixel_values"].to(next(self.model.parameters()).dtype)
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, **extra
-        ).last_hidden_state  # after the final norm
-        return out[:, start : -len(suffix)]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading the released checkpoints (a local folder or a hub id)
-
-PIPELINES = {"LongCatImageEditPipeline": "edit", "LongCatImagePipeline": "t2i"}
-NEEDED = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
-          "text_encoder/config.json", "tokenizer"]  # fmt: skip
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A local checkpoint folder as is, or a hub id downloaded (or found in the cache) via huggingface_hub.
-    HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE=1 are honoured by huggingface_hub itself."""
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/", "~")):
-            raise CheckpointError(
-                f"{name_or_path}: no such folder (and not a hub id like meituan-longcat/LongCat-Image-Edit)"
-            )
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(str(name_or_path)))
-        except (
-            Exception
-        ) as e:  # network, auth, offline without a cached copy: all end the same way for a user
-            raise CheckpointError(
-                f"{name_or_path}: not downloadable nor in the Hugging Face cache ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); pass a local folder with --model or set HF_HOME"
-            ) from None
-    for need in NEEDED:
-        if not (path / need).exists():
-            raise CheckpointError(f"{path} is not a LongCat-Image checkpoint: {need} is missing")
-    return path
-
-
-def read_flavour(path: Path) -> str:
-    """'edit' or 't2i', from model_index.json's pipeline class."""
-    name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
-    if name not in PIPELINES:
-        raise CheckpointError(
-            f"{path}/model_index.json: _class_name {name!r} is not one of {sorted(PIPELINES)}"
-        )
-    return PIPELINES[name]
-
-
-def read_scheduler(path: Path) -> dict:
-    return json.loads((Path(path) / "scheduler/scheduler_config.json").read_text())
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of one component: those of the shard index if there is one, else the one file."""
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-        files = [folder / s for s in shards]
+        files = [folder / s for s in sorted(set(read_json(index[0]).get("weight_map", {}).values()))]
     else:
         files = sorted(folder.glob("*.safetensors"))
     missing = [f for f in files if not f.exists()]
@@ -781,77 +605,82 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
-    "U8": torch.uint8,
-}  # fmt: skip
-
-
 def read_header(file: Path) -> dict:
-    """A safetensors file's table {name: {dtype, shape, data_offsets}}: an 8-byte length, then JSON."""
+    """A safetensors file's table {name: {dtype, shape, data_offsets}} with absolute offsets, checked against
+    the file: an 8-byte length, then JSON; each tensor's bytes lie inside the file and match its shape."""
+    size = file.stat().st_size
     with open(file, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise CheckpointError(f"{file}: not a safetensors file (header of {n} bytes in {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
     header.pop("__metadata__", None)
-    for info in header.values():
-        info["data_offsets"] = [o + 8 + n for o in info["data_offsets"]]  # absolute positions in the file
+    for name, info in header.items():
+        dtype, (start, end) = SAFETENSORS_DTYPES.get(info.get("dtype")), info["data_offsets"]
+        nbytes = math.prod(info["shape"]) * (dtype.itemsize if dtype else 0)
+        if dtype is None or not 0 <= start <= end or end - start != nbytes:
+            raise CheckpointError(f"{file}: tensor {name} has a corrupt header entry {info}")
+        if 8 + n + end > size:
+            raise CheckpointError(
+                f"{file}: truncated at {size} bytes ({name} ends at {8 + n + end}); fetch it again"
+            )
+        info["data_offsets"] = [8 + n + start, 8 + n + end]  # absolute positions in the file
     return header
 
 
 def read_tensor(fh, info: dict, staging: torch.Tensor) -> torch.Tensor:
     """One tensor by a plain read (no mmap: only what we keep counts as resident) into a reusable staging
-    buffer: a weight quantized on arrival then leaves no freed hole of its size behind."""
+    buffer, so a weight quantized on arrival leaves no freed hole of its size behind."""
     start, end = info["data_offsets"]
     fh.seek(start)
-    fh.readinto(memoryview(staging.numpy())[: end - start])
+    if (got := fh.readinto(memoryview(staging.numpy())[: end - start])) != end - start:
+        raise CheckpointError(f"{fh.name}: read {got} of {end - start} bytes at {start} (the file changed?)")
     return staging[: end - start].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS. Quantizing while loading frees a float temporary per weight
-    between the int8 codes we keep; glibc would hold those holes as resident memory (~0.4x the model)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to do
-        pass
 
 
 def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, convert=None) -> nn.Module:
     """Fill a meta-device model from a folder of safetensors, strictly (every name and shape must match),
     one tensor at a time so peak memory stays at the model's size. `convert(model)` may swap modules first
     (quantization): their `_load_from_state_dict` then sees each float tensor as it arrives."""
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    seen = {name: (info, f) for f in weight_files(folder) for name, info in read_header(f).items()}
-    for name, shape in expected.items():
-        if name not in seen:
-            raise CheckpointError(f"{folder}: tensor {name} {shape} is missing from the checkpoint")
-        if seen[name][0]["shape"] != shape:
-            got = seen[name][0]["shape"]
-            raise CheckpointError(f"{seen[name][1]}: tensor {name} has shape {got}, expected {shape}")
-    if extra := sorted(set(seen) - set(expected)):
+    headers = {f: read_header(f) for f in weight_files(folder)}
+    seen = {name: (info, f) for f, header in headers.items() for name, info in header.items()}
+    for name, t in model.state_dict().items():
+        info, file = seen.get(name, (None, folder))
+        if info is None or info["shape"] != list(t.shape):
+            got = "missing" if info is None else f"of shape {info['shape']}"
+            raise CheckpointError(
+                f"{file}: tensor {name} is {got}, expected {list(t.shape)} (another model?)"
+            )
+    if extra := sorted(set(seen) - set(model.state_dict())):
         raise CheckpointError(
             f"{seen[extra[0]][1]}: unexpected tensor {extra[0]} (a different model or config?)"
         )
     if convert is not None:
         convert(model)
-    size = max(i["data_offsets"][1] - i["data_offsets"][0] for i, _ in seen.values())
-    staging = torch.empty(size, dtype=torch.uint8)
-    for f in weight_files(folder):
-        with open(f, "rb") as fh:
-            for name, info in read_header(f).items():
+    staging = torch.empty(
+        max(e - s for s, e in (i["data_offsets"] for i, _ in seen.values())), dtype=torch.uint8
+    )
+    for file, header in headers.items():
+        with open(file, "rb") as fh:
+            for name, info in header.items():
                 t = read_tensor(fh, info, staging).to(device)
-                t = t.to(dtype) if t.is_floating_point() else t
                 owner, _, leaf = name.rpartition(".")
                 module = model.get_submodule(owner)
-                module.load_state_dict({leaf: t}, strict=False, assign=True)
+                module.load_state_dict(
+                    {leaf: t.to(dtype) if t.is_floating_point() else t}, strict=False, assign=True
+                )
                 kept = getattr(module, leaf)
                 if (
                     kept is not None
                     and kept.untyped_storage().data_ptr() == staging.untyped_storage().data_ptr()
                 ):
-                    module.load_state_dict({leaf: t.clone()}, strict=False, assign=True)  # its own copy
-    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+                    kept.data = (
+                        kept.data.clone()
+                    )  # kept as read: it needs memory of its own, the buffer is reused
+    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     assert not left, f"not loaded: {left[:3]}"
     return model.eval().requires_grad_(False)
 
@@ -868,158 +697,3 @@ def load_vae(path: Path, dtype=torch.float32, device="cpu") -> VAE:
     with torch.device("meta"):
         model = VAE(config)
     return load_weights(model, Path(path) / "vae", dtype, device)
-
-
-def load_text_encoder(path: Path, dtype=torch.bfloat16, device="cpu", convert=None) -> TextEncoder:
-    """Qwen2.5-VL from text_encoder/ (transformers maps legacy and new tensor names) without its LM head (only
-    the hidden states are used), its tokenizer (right padding, as the pipelines assume) and image processor
-    (the PIL backend: no torchvision needed). `convert(model)` (quantization) runs on the CPU first."""
-    import transformers
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    tokenizer.padding_side = "right"
-    proc_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    dirs = [
-        d
-        for d in ("text_processor", "tokenizer", "text_encoder")
-        if (path / d / "preprocessor_config.json").exists()
-    ]
-    if not dirs:
-        raise CheckpointError(f"{path}: text_processor/preprocessor_config.json is missing")
-    where = "cpu" if convert is not None else str(device)
-    full = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path / "text_encoder", dtype=dtype, device_map=where
-    )
-    backbone = full.model  # (1 GB of lm_head in the released model is never used)
-    del full
-    if convert is not None:
-        convert(backbone)
-        backbone.to(device)
-    return TextEncoder(
-        backbone.eval().requires_grad_(False), tokenizer, proc_cls.from_pretrained(path / dirs[0])
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A tiny random checkpoint in the released layout: for tests and for trying minicat without 30 GB of weights
-
-TINY_TRANSFORMER = TransformerConfig(
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=64,
-    pooled_projection_dim=64,
-    axes_dims_rope=(8, 12, 12),
-)
-TINY_VAE = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
-SPECIAL_TOKENS = "<|endoftext|> <|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|vision_pad|> "
-SPECIAL_TOKENS += "<|image_pad|> <|video_pad|>"
-TINY_FILES = json.loads("""{
-  "scheduler/scheduler_config.json": {"_class_name": "FlowMatchEulerDiscreteScheduler",
-    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": true, "base_shift": 0.5,
-    "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
-  "text_processor/preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor",
-    "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
-    "resample": 3, "do_rescale": true, "rescale_factor": 0.00392156862745098, "do_normalize": true,
-    "do_convert_rgb": true,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
-  "model_index.json": {"_diffusers_version": "0.36.0",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"], "tokenizer": ["transformers",
-    "Qwen2Tokenizer"], "text_processor": ["transformers", "Qwen2VLProcessor"], "transformer": ["diffusers",
-    "LongCatImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]},
-  "qwen_text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-    "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "tie_word_embeddings": false},
-  "qwen_vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-    "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-    "window_size": 112, "fullatt_block_indexes": [1]}
-}""")
-
-
-def _tiny_tokenizer():
-    """A byte-level BPE like Qwen2's (400 tokens) trained on the templates: words merge, quotes don't."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    alphabet, special = pre_tokenizers.ByteLevel.alphabet(), SPECIAL_TOKENS.split()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=special, initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(
-        [T2I_PREFIX, EDIT_PREFIX, SUFFIX, "make the sky blue, add a red hat"] * 3, trainer
-    )
-    return Qwen2Tokenizer(
-        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None
-    )
-
-
-def write_tiny_checkpoint(folder: str | Path, flavour: str = "edit", seed: int = 0) -> Path:
-    """Write a random LongCat checkpoint with tiny configs in the released folder layout (sharded transformer,
-    Qwen2.5-VL text encoder, byte-level tokenizer, image processor, scheduler). Deterministic for a seed."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = _tiny_tokenizer()
-        tid = tokenizer.convert_tokens_to_ids
-        text = {**TINY_FILES["qwen_text"], "vocab_size": len(tokenizer)}
-        qwen = Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=TINY_FILES["qwen_vision"],
-            image_token_id=tid("<|image_pad|>"),
-            video_token_id=tid("<|video_pad|>"),
-            vision_start_token_id=tid("<|vision_start|>"),
-            vision_end_token_id=tid("<|vision_end|>"),
-            bos_token_id=tid("<|endoftext|>"),
-            eos_token_id=tid("<|im_end|>"),
-            **text,
-        )
-        Qwen2_5_VLForConditionalGeneration(qwen).save_pretrained(folder / "text_encoder")
-        transformer, vae = LongCatTransformer(TINY_TRANSFORMER), VAE(TINY_VAE)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    tokenizer.save_pretrained(folder / "text_processor")
-    pipeline = {"edit": "LongCatImageEditPipeline", "t2i": "LongCatImagePipeline"}[flavour]
-    files = {**TINY_FILES, "model_index.json": {"_class_name": pipeline, **TINY_FILES["model_index.json"]}}
-    files["tokenizer/preprocessor_config.json"] = files["text_processor/preprocessor_config.json"]
-    for name, content in files.items():
-        if name.endswith(".json"):
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(json.dumps(content, indent=2))
-    blocks = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-    save_component(
-        folder / "vae", vae.state_dict(), {"_class_name": "AutoencoderKL", **asdict(TINY_VAE), **blocks}
-    )
-    tr_cfg = {"_class_name": "LongCatImageTransformer2DModel", **asdict(TINY_TRANSFORMER)}
-    save_component(folder / "transformer", transformer.state_dict(), tr_cfg, shards=2)
-    return folder
-
-
-def save_component(folder: Path, state: dict, config: dict, shards: int = 1) -> None:
-    """config.json + diffusion_pytorch_model*.safetensors, sharded with an index json as diffusers does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(
-        json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, indent=2)
-    )
-    state = {k: v.detach().contiguous() for k, v in state.items()}
-    if shards == 1:
-        return save_file(
-            state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"}
-        )
-    names, weight_map = list(state), {}
-    for i in range(shards):
-        file = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in names[i::shards]}
-        save_file(part, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    index = {
-        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-        "weight_map": weight_map,
-    }
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))

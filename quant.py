@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("int8", "fp8", "none")
+MODES = ("int8", "fp8", "fp8-compute", "none")
 ALIASES = {"int8-quanto": "int8", "fp8-torchao": "fp8", "no_change": "none"}
 QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code: symmetric int8 range, largest finite e4m3 value
@@ -46,13 +46,22 @@ DEFAULT_TARGETS = (r"^(single_)?transformer_blocks\.",)  # the block linears, 99
 TEXT_ENCODER_TARGETS = (r"layers\.\d+\.(self_attn|mlp)\.",)
 
 
-def normalize_mode(name: str) -> str:
-    """Canonical mode name ("int8", "fp8", "none") for a mode or one of its aliases."""
+def normalize_mode(name: str, compute: bool = True) -> str:
+    """Canonical mode name ("int8", "fp8", "fp8-compute", "none") for a mode or one of its aliases;
+    compute=False refuses fp8-compute (the text encoder runs no backward and gains nothing from it)."""
     mode = ALIASES.get(name, name)
-    if mode not in MODES:
-        choices = ", ".join([*MODES, *ALIASES])
+    if mode not in MODES or (mode == "fp8-compute" and not compute):
+        choices = ", ".join(m for m in [*MODES, *ALIASES] if compute or m != "fp8-compute")
         raise ValueError(f"unknown quantization mode {name!r}; choose one of: {choices}")
     return mode
+
+
+def check_device(mode: str, device) -> None:
+    """fp8-compute needs fp8 tensor cores on CUDA (Ada, Hopper and newer: compute capability 8.9+)."""
+    device = torch.device(device)
+    if mode == "fp8-compute" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"fp8-compute needs fp8 tensor cores (compute capability 8.9+), not {name}; use fp8")
 
 
 @torch.no_grad()
@@ -71,31 +80,56 @@ def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Ten
     return codes, scale
 
 
+def _dequantized(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes (out, in) x scale (out,) in the compute dtype, made once per call and dropped after it."""
+    return weight.to(dtype).mul_(scale.to(dtype)[:, None])
+
+
 class _QuantLinearFn(torch.autograd.Function):
-    """y = (x @ q^T) * scale + bias; saves the quantized weight, not a dequantized copy, for backward."""
+    """y = x @ (q * scale)^T + bias, the weight expanded in the compute dtype so the matmul keeps its fused
+    bias (one pass over the weight, none over the larger output); backward expands it again instead of
+    saving a float copy."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
-        # Dequantize straight into the dtype the matmul runs in: under autocast an fp32 x would otherwise
+        # Expand straight into the dtype the matmul runs in: under autocast an fp32 x would otherwise
         # get an fp32 copy of the weight and then autocast's bf16 copy of that.
         auto = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if auto else x.dtype
-        y = F.linear(x.to(dtype), weight.to(dtype))
-        y = y * scale.to(y.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
         ctx.save_for_backward(weight, scale)
         ctx.has_bias = bias is not None
-        return y
+        return F.linear(
+            x.to(dtype), _dequantized(weight, scale, dtype), None if bias is None else bias.to(dtype)
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scale = ctx.saved_tensors
-        grad_x = (grad_out * scale.to(grad_out.dtype)) @ weight.to(grad_out.dtype)  # (..., in)
+        grad_x = grad_out @ _dequantized(weight, scale, grad_out.dtype)  # (..., in)
         grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
+
+
+class _Fp8MatmulFn(torch.autograd.Function):
+    """fp8 compute: y = (x_q @ q^T) * s_x s_w + bias on fp8 tensor cores (torch._scaled_mm). Activations get
+    one e4m3 scale per token (row), the weight keeps its per-channel scale; the input gradient is computed
+    in the compute dtype from the expanded weight (gradients are not quantized)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        dtype, shape = x.dtype, x.shape
+        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
+        sx = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / QMAX["fp8"]  # (tokens, 1)
+        xq = (x2.float() / sx).clamp(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
+        b = None if bias is None else bias.to(dtype)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale[None].float(), bias=b, out_dtype=dtype)
+        ctx.save_for_backward(weight, scale)
+        ctx.has_bias = bias is not None
+        return y.reshape(*shape[:-1], -1)
+
+    backward = staticmethod(_QuantLinearFn.backward)
 
 
 class QuantLinear(nn.Module):
@@ -105,8 +139,11 @@ class QuantLinear(nn.Module):
         self, in_features: int, out_features: int, bias: bool = True, mode: str = "int8", device=None
     ):
         super().__init__()
-        self.in_features, self.out_features, self.mode = in_features, out_features, normalize_mode(mode)
-        assert self.mode in QDTYPE, f"QuantLinear needs int8 or fp8, got {mode!r}"
+        mode = normalize_mode(mode)
+        assert mode != "none", "QuantLinear needs int8, fp8 or fp8-compute"
+        # fp8-compute stores fp8 codes like fp8 and multiplies them in fp8 (see _Fp8MatmulFn)
+        self.in_features, self.out_features, self.compute = in_features, out_features, mode == "fp8-compute"
+        self.mode = "fp8" if self.compute else mode
         # Buffers, not Parameters: frozen for free, yet still in state_dict() and moved by .to(device).
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features, dtype=QDTYPE[self.mode], device=device)
@@ -127,7 +164,8 @@ class QuantLinear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantLinearFn.apply(x, self.weight, self.scale, self.bias)
+        fn = _Fp8MatmulFn if self.compute and x.dtype in (torch.bfloat16, torch.float16) else _QuantLinearFn
+        return fn.apply(x, self.weight, self.scale, self.bias)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out, in) that the codes and scales represent."""
@@ -160,7 +198,8 @@ class QuantLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+        mode = "fp8-compute" if self.compute else self.mode
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={mode}"
 
 
 def quantize_model(model: nn.Module, mode: str, targets: list[str] | tuple[str, ...] | None = None) -> int:
@@ -180,6 +219,83 @@ def quantize_model(model: nn.Module, mode: str, targets: list[str] | tuple[str, 
         owner = model.get_submodule(parent)
         setattr(owner, leaf, QuantLinear.from_linear(getattr(owner, leaf), mode))
     return len(chosen)
+
+
+class BlockOffload:
+    """Keep the frozen weights of some blocks in (pinned) CPU memory and stream each block's to the GPU just
+    before it runs, on a side stream, while the block before it computes; they are dropped again when it is
+    done. Trainable tensors (LoRA) stay on the GPU. Works with gradient checkpointing: the recomputation in
+    the backward pass fetches the block again (in reverse order, prefetching backwards); such a recomputation
+    may stop before the block's end, so a block is also released when the next one is fetched. Without
+    checkpointing a training step keeps every block's weights alive for the backward pass and saves nothing.
+    On a CPU "device" the copies are plain copies, which is how the tests hold it to bit-identity."""
+
+    def __init__(self, blocks: list[nn.Module], offloaded: list[int], device):
+        self.blocks, self.device, self.last, self.installed = blocks, torch.device(device), -1, None
+        self.offloaded = sorted(offloaded)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.host: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}  # block -> (module, name, cpu)
+        self.pending: dict[int, tuple[list[torch.Tensor], object]] = {}  # block -> (device copies, event)
+        for i in self.offloaded:
+            self.host[i] = []
+            for m in blocks[i].modules():
+                for name, t in [*m._parameters.items(), *m._buffers.items()]:
+                    if t is None or t.requires_grad:
+                        continue
+                    m._parameters.pop(name, None)  # a frozen parameter becomes a buffer: same state_dict key
+                    m._buffers[name] = None  # idle: nothing on the device; .to() skips it
+                    cpu = t.detach().cpu()
+                    self.host[i].append((m, name, cpu.pin_memory() if cuda else cpu))
+            blocks[i].register_forward_pre_hook(self._before)
+            blocks[i].register_forward_hook(self._after)
+
+    def _start(self, i: int) -> None:
+        """Begin copying block i's weights to the device (on the side stream when there is one)."""
+        if i in self.pending or i not in self.host:
+            return
+        if self.stream is None:
+            self.pending[i] = ([t.to(self.device, copy=True) for _, _, t in self.host[i]], None)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            copies = [t.to(self.device, non_blocking=True) for _, _, t in self.host[i]]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.pending[i] = (copies, event)
+
+    def _before(self, block: nn.Module, args) -> None:
+        i = next(k for k in self.offloaded if self.blocks[k] is block)
+        if self.installed not in (None, i):  # a recomputation stopped early skips _after: release it here
+            self._release(self.installed)
+        self._start(i)
+        copies, event = self.pending.pop(i)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        for (m, name, _), t in zip(self.host[i], copies, strict=True):
+            if event is not None:  # made on the side stream, used on this one: keep the allocator off it
+                t.record_stream(torch.cuda.current_stream(self.device))
+            m._buffers[name] = t
+        self.installed = i
+        step = 1 if i >= self.last else -1  # forward, or the backward pass's recomputation
+        self.last = i
+        ahead = [k for k in self.offloaded if (k - i) * step > 0]
+        if ahead:
+            self._start(min(ahead) if step > 0 else max(ahead))
+
+    def _after(self, block: nn.Module, args, output) -> None:
+        self._release(next(k for k in self.offloaded if self.blocks[k] is block))
+
+    def _release(self, i: int) -> None:
+        for m, name, _ in self.host[i]:
+            m._buffers[name] = None  # autograd keeps what the backward pass saved; the rest is freed
+        self.installed = None if self.installed == i else self.installed
+
+
+def offload_blocks(blocks: list[nn.Module], n: int, device) -> BlockOffload:
+    """Stream the frozen weights of the first n of `blocks` from CPU memory (BlockOffload)."""
+    assert 0 < n <= len(blocks), f"offload_blocks {n}: the model has {len(blocks)} blocks"
+    return BlockOffload(blocks, list(range(n)), device)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -1,38 +1,490 @@
-"""Edit an image (or, on a `final`/`dev` checkpoint, generate one) with LongCat-Image, optionally with LoRAs
-and int8/fp8 weights:
+"""Edit an image (or, on a `final`/`dev` checkpoint, generate one) with LongCat-Image: the pipeline by hand.
 
     python validate.py --ref photo.png --prompt "make the sky 'purple'"
     python validate.py --model meituan-longcat/LongCat-Image --prompt "a cat holding a sign that says 'hi'"
+    python validate.py --serve                         # the edit web page on http://127.0.0.1:7860
 
-The stages run one at a time and each is freed before the next: text encoder (prompt and negative prompt)
--> transformer (denoising) -> VAE (decoding), so peak GPU memory is the largest stage, not the sum. The
-numbers follow diffusers' LongCatImageEditPipeline / LongCatImagePipeline: same seed, same image (tests/).
+What diffusers' LongCatImageEditPipeline / LongCatImagePipeline compute, written out: the checkpoint folder
+(a local folder, a hub id or the `tiny` demo), Qwen2.5-VL prompt encoding with LongCat's chat templates
+(SPEC §4), the Euler sampler with CFG (§5), and `generate()`, which this CLI, the web page (serve.py) and
+training's validation share. Every input is checked before the first model loads. The models load at their
+first use (`Models`) and the text encoder never shares the GPU with the others, so peak GPU memory is the
+largest stage, not the sum. Same seed, same image as diffusers (tests/).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
+import os
+import re
 import sys
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
+import data
 import model as M
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
+DEFAULT_MODEL = "meituan-longcat/LongCat-Image-Edit"
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
+KNOBS = "--quant int8, --text-encoder-quant int8, --offload-blocks N or a smaller --resolution"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The checkpoint folder
+
+PIPELINES = {"LongCatImageEditPipeline": "edit", "LongCatImagePipeline": "t2i"}
+NEEDED = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+          "text_encoder/config.json", "tokenizer"]  # fmt: skip
+
+
+def resolve_checkpoint(name: str | Path, base: Path | None = None) -> Path:
+    """A checkpoint folder: `tiny` / `tiny-t2i` (the random demo, tiny.py), a folder (relative to `base`
+    first, e.g. the config's folder), or a hub id downloaded or found in the Hugging Face cache (HF_HOME,
+    HF_HUB_OFFLINE=1 are honoured by huggingface_hub)."""
+    if str(name) in ("tiny", "tiny-edit", "tiny-t2i"):
+        import tiny
+
+        return tiny.checkpoint("t2i" if str(name) == "tiny-t2i" else "edit")
+    path = Path(name).expanduser()
+    if base is not None and (base / path).exists():
+        path = base / path
+    if not path.exists():
+        if str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
+            raise M.CheckpointError(f"{name}: no such folder (and not a hub id like {DEFAULT_MODEL})")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(name)))
+        # network, auth, offline without a cached copy: all end the same way for a user
+        except Exception as e:
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise M.CheckpointError(
+                f"{name}: not downloadable nor in the Hugging Face cache ({type(e).__name__}: {first}); "
+                "pass a local folder, or set HF_HOME to where it was downloaded"
+            ) from None
+    for need in NEEDED:
+        if not (path / need).exists():
+            raise M.CheckpointError(f"{path} is not a LongCat-Image checkpoint: {need} is missing")
+    return path
+
+
+def read_flavour(path: Path) -> str:
+    """'edit' or 't2i', from model_index.json's pipeline class."""
+    name = M.read_json(Path(path) / "model_index.json").get("_class_name")
+    if name not in PIPELINES:
+        raise M.CheckpointError(
+            f"{path}/model_index.json: _class_name {name!r} is not one of {sorted(PIPELINES)}"
+        )
+    return PIPELINES[name]
+
+
+def read_scheduler(path: Path) -> dict:
+    return M.read_json(Path(path) / "scheduler/scheduler_config.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt encoding with Qwen2.5-VL (SPEC §4)
+
+T2I_PREFIX = (
+    "<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt based on an image "
+    "content, suitable for input to a text-to-image model.<|im_end|>\n<|im_start|>user\n"
+)
+EDIT_PREFIX = (
+    "<|im_start|>system\nAs an image editing expert, first analyze the content and attributes of the input "
+    "image(s). Then, based on the user's editing instructions, clearly and precisely determine how to modify "
+    "the given image(s), ensuring that only the specified parts are altered and all other aspects remain "
+    "consistent "
+    "with the original(s).<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+)
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+MAX_PROMPT_TOKENS = 512
+QUOTES = [("'", "'"), ('"', '"'), ("\u2018", "\u2019"), ("\u201c", "\u201d")]
+
+
+def split_quotes(prompt: str) -> list[tuple[str, bool]]:
+    """Split a prompt into (text, quoted) spans; quoted spans keep their quote marks.
+    Apostrophes inside words ("don't") are not quotes: they are hidden before splitting, restored after."""
+    words = sorted(set(re.findall(r"[a-zA-Z]+'[a-zA-Z]+", prompt)))
+    # longest mark first: each mark is a prefix of the longer ones
+    hidden = [(w, "longcat_$##$_longcat" * (i + 1)) for i, w in reversed(list(enumerate(words)))]
+    for w, mark in hidden:
+        prompt = prompt.replace(w, mark)
+    quoted = "|".join(re.escape(a) + "[^" + re.escape(a + b) + "]*?" + re.escape(b) for a, b in QUOTES)
+    spans = []
+    for part in re.split(f"({quoted})", prompt):
+        for w, mark in hidden:
+            part = part.replace(mark, w)
+        if part:
+            spans.append((part, re.match(quoted, part) is not None))
+    return spans
+
+
+class TextEncoder:
+    """Qwen2.5-VL-7B as LongCat uses it: the chat template around the prompt, the last hidden state kept for
+    the prompt's 512 positions (t2i) or for the reference image's tokens and the prompt (edit)."""
+
+    def __init__(self, model, tokenizer, image_processor):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Quoted text goes one character at a time (so the model can spell it), the rest normally; <= 512."""
+        out = []
+        for text, quoted in split_quotes(prompt):
+            out += [i for ch in text for i in self.ids(ch)] if quoted else self.ids(text)
+        return out[:MAX_PROMPT_TOKENS]
+
+    @torch.no_grad()
+    def encode(self, prompt: str, image=None) -> torch.Tensor:
+        """Prompt (and, for editing, the reference PIL image at the output size) -> embeddings [1, L, D].
+        t2i: L = 512. Edit: the reference goes to Qwen at half size; L = 2 + N_vl + 512."""
+        ids = self.tokenize(prompt)
+        pads = MAX_PROMPT_TOKENS - len(ids)
+        prompt_ids, prompt_mask = ids + [self.tokenizer.pad_token_id] * pads, [1] * len(ids) + [0] * pads
+        param = next(self.model.parameters())
+        extra = {}
+        if image is None:
+            prefix = self.ids(T2I_PREFIX)
+            start = len(prefix)
+        else:
+            from PIL import Image
+
+            half = image.convert("RGB").resize((image.width // 2, image.height // 2), Image.LANCZOS)
+            vl = self.image_processor(images=half, return_tensors="pt")
+            n_vl = int(vl["image_grid_thw"].prod()) // self.image_processor.merge_size**2
+            prefix = self.ids(EDIT_PREFIX.replace("<|image_pad|>", "<|image_pad|>" * n_vl))
+            start = prefix.index(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+            extra = {"pixel_values": vl["pixel_values"].to(param.device, param.dtype),
+                     "image_grid_thw": vl["image_grid_thw"].to(param.device)}  # fmt: skip
+        suffix = self.ids(SUFFIX)
+        input_ids = torch.tensor([prefix + prompt_ids + suffix], device=param.device)
+        mask = torch.tensor([[1] * len(prefix) + prompt_mask + [1] * len(suffix)], device=param.device)
+        # last_hidden_state comes after the final norm, as the pipelines' hidden_states[-1]
+        out = self.model(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
+        return out[:, start : -len(suffix)]
+
+
+def load_text_encoder(path: Path, dtype=torch.bfloat16, device="cpu", convert=None) -> TextEncoder:
+    """Qwen2.5-VL from text_encoder/, with its tokenizer/ and text_processor/ (the image processor).
+    transformers maps legacy and new tensor names; the LM head is dropped (only hidden states are used, 1 GB);
+    the tokenizer pads on the right, as the pipelines assume; the image processor is the PIL one (no
+    torchvision). The model loads on the CPU (a device_map would need accelerate), `convert(model)`
+    (quantization) runs there, then it moves to `device`."""
+    import transformers
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tokenizer.padding_side = "right"
+    proc_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    procs = [
+        path / d
+        for d in ("text_processor", "tokenizer", "text_encoder")
+        if (path / d / "preprocessor_config.json").exists()
+    ]
+    if not procs:
+        raise M.CheckpointError(f"{path}: text_processor/preprocessor_config.json is missing")
+    for f in M.weight_files(path / "text_encoder"):
+        M.read_header(f)  # a truncated or corrupt file is named here, not deep inside transformers
+    backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=dtype).model
+    if convert is not None:
+        convert(backbone)
+    backbone = backbone.to(device).eval().requires_grad_(False)
+    return TextEncoder(backbone, tokenizer, proc_cls.from_pretrained(procs[0]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler (SPEC §3, §5)
+
+
+def initial_noise(seed: int, height: int, width: int, dtype: torch.dtype, draw_dtype=None) -> torch.Tensor:
+    """The pipelines' starting noise [1, 16, H/8, W/8], drawn on the CPU so a seed means the same everywhere.
+    The edit pipeline draws in its own dtype, the t2i pipeline in float32 then casts (draw_dtype)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((1, 16, height // 8, width // 8), generator=g, dtype=draw_dtype or dtype).to(dtype)
+
+
+def guide(v: torch.Tensor, v_neg: torch.Tensor, scale: float, renorm_min: float | None) -> torch.Tensor:
+    """Classifier-free guidance; with renorm (renorm_min not None) each token is rescaled so the guided
+    velocity is never longer than the conditional one (the t2i pipeline's cfg renorm)."""
+    guided = v_neg + scale * (v - v_neg)
+    if renorm_min is None:
+        return guided
+    s = v.norm(dim=-1, keepdim=True) / (guided.norm(dim=-1, keepdim=True) + 1e-8)
+    return guided * s.clamp(renorm_min, 1)
+
+
+@torch.no_grad()
+def sample(
+    transformer, noise, txt, neg, sigmas, guidance, ref=None, renorm_min=None, callback=None, progress=True
+):
+    """Euler sampler over the flow: noise [1, 16, h, w] normalised latent -> latent [1, 16, h, w].
+
+    txt / neg [1, L, D] prompt embeddings (neg used when guidance > 1), ref [1, 16, h, w] the clean
+    reference latent for editing (its tokens ride along with modality 2; only target tokens are kept).
+    callback(i, latent [1, 16, h, w]) is called after each step.
+    """
+    from tqdm.auto import tqdm
+
+    _, _, h, w = noise.shape
+    dev, dtype = noise.device, noise.dtype
+    x = M.pack(noise)  # (1, N, 64)
+    n = x.shape[1]
+    ref_tokens = M.pack(ref.to(dtype)) if ref is not None else None
+    conds = [txt, neg] if guidance > 1 and neg is not None else [txt]
+    ids = []
+    for c in conds:
+        img = M.image_ids(h // 2, w // 2, c.shape[1], 1, dev)
+        if ref is not None:
+            img = torch.cat([img, M.image_ids(h // 2, w // 2, c.shape[1], 2, dev)])  # (2N, 3)
+        ids.append((img, M.text_ids(c.shape[1], dev)))
+    for i in tqdm(range(len(sigmas) - 1), desc="sampling", disable=not progress, leave=False):
+        # diffusers hands the model (sigma * 1000 in the model dtype) / 1000: match it for bit parity.
+        t = ((sigmas[i] * 1000).to(dtype) / 1000).expand(1).to(dev)
+        inp = x if ref_tokens is None else torch.cat([x, ref_tokens], dim=1)  # (1, N [+ N], 64)
+        v, *v_neg = (transformer(inp, c, t, *pos)[:, :n] for c, pos in zip(conds, ids, strict=True))
+        if v_neg:
+            v = guide(v, v_neg[0], guidance, renorm_min)
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]).to(dev) * v).to(v.dtype)  # Euler, in float32
+        if callback is not None:
+            callback(i, M.unpack(x, h, w))
+    return M.unpack(x, h, w)
+
+
+def edit_size(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, int]:
+    """The edit pipeline's output size: ~area pixels at the input's aspect ratio, sides rounded up to 16."""
+    w = math.sqrt(area * width / height)
+    h = w / (width / height)
+    return int(-(-w // 16) * 16), int(-(-h // 16) * 16)
+
+
+@dataclass
+class Settings:
+    """What an image depends on besides the models and the prompt: validate.py's flags, the web page's form,
+    training's validation_* keys. Defaults are the seed's validation values."""
+
+    size: tuple[int, int] | None = None  # (W, H); None: ~1 MP at the reference's aspect (edit), 1024² (t2i)
+    seed: int = 0
+    steps: int = 40
+    guidance: float = 4.5  # <= 1: no CFG
+    negative: str = ""
+    cfg_renorm: bool = True  # t2i only; the edit pipeline never renormalises
+    cfg_renorm_min: float = 0.0
+    preview_every: int = 0  # also decode the latent every N steps
+
+
+@torch.no_grad()
+def generate(transformer, vae, txt, neg, sched, s: Settings, ref_latent=None, on_step=None, progress=True):
+    """Prompt embeddings [1, L, D] (neg: None without CFG) -> (image, [(step, preview image), ...]).
+
+    s.size (W, H) must be set; ref_latent [1, 16, H/8, W/8] for editing. The noise comes from s.seed on the
+    CPU, so the training RNG and other devices are untouched. on_step(step, steps, preview image or None)
+    reports progress. A non-finite result is an error, never a black picture."""
+    (w, h), param = s.size, transformer.x_embedder.weight
+    # The edit pipeline draws its noise in the model dtype, the t2i pipeline in float32.
+    noise = initial_noise(s.seed, h, w, param.dtype, None if ref_latent is not None else torch.float32)
+    sigmas = M.schedule(s.steps, (h // 16) * (w // 16), sched)
+    renorm_min = s.cfg_renorm_min if s.cfg_renorm and ref_latent is None else None
+    previews = []
+
+    def step_done(i: int, latent: torch.Tensor) -> None:
+        image = None
+        if s.preview_every and (i + 1) % s.preview_every == 0 and i + 1 < s.steps:
+            image = data.tensor_to_pil(M.from_latent(vae, latent))
+            previews.append((i + 1, image))
+        if on_step is not None:
+            on_step(i + 1, s.steps, image)
+
+    txt, neg = txt.to(param), None if neg is None else neg.to(param)
+    with stage(f"sampling {w}x{h}"):
+        z = sample(
+            transformer,
+            noise.to(param.device),
+            txt,
+            neg,
+            sigmas,
+            s.guidance,
+            ref_latent,
+            renorm_min,
+            step_done,
+            progress,
+        )
+    if not torch.isfinite(z).all():
+        raise ValueError(
+            "the sampled image is not finite (NaN or inf): a LoRA or --lora-scale that breaks the model, "
+            "or float16 overflow (try --dtype bfloat16)"
+        )
+    with stage(f"decoding {w}x{h}"):
+        return data.tensor_to_pil(M.from_latent(vae, z)), previews
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models loaded once, moved as the stages need them; out-of-memory as a message
+
+
+class OutOfMemory(ValueError):
+    """A stage ran out of GPU memory; the message names it, the allocation and the knobs that lower memory."""
+
+
+@contextmanager
+def stage(what: str, knobs: str = KNOBS):
+    """Turn a CUDA out-of-memory error inside the block into one line naming `what` was being done."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        tried = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", str(e))
+        detail = tried.group(0).lower() if tried else "no detail"
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            detail += f"; {torch.cuda.memory_allocated() / 2**30:.1f} of {total / 2**30:.1f} GiB in use"
+        raise OutOfMemory(f"out of GPU memory while {what} ({detail}); lower memory with {knobs}") from None
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def quantizer(mode: str, targets: str = "DEFAULT_TARGETS"):
+    """The `convert` hook that quantizes a model while it loads (quant.py), or None for full precision."""
+    import quant
+
+    mode = quant.normalize_mode(mode)
+    return (
+        None if mode == "none" else partial(quant.quantize_model, mode=mode, targets=getattr(quant, targets))
+    )
+
+
+class Models:
+    """A checkpoint's text encoder, VAE and transformer, each read from disk at its first use and then kept
+    (`loads` counts the reads). Asking for the text encoder moves the other two to the CPU; asking for
+    either of them moves the text encoder there, or frees it with keep=False (the one-shot CLI): the text
+    encoder never shares the GPU. `resident=True` leaves everything on the device."""
+
+    def __init__(self, ckpt: Path, device, dtype, *, quant="none", te_quant="none", loras=(), lora_scale=1.0,
+                 offload_blocks=0, compile=False, keep=True, resident=False):  # fmt: skip
+        self.ckpt, self.device, self.dtype, self.keep, self.resident = (
+            ckpt,
+            torch.device(device),
+            dtype,
+            keep,
+            resident,
+        )
+        self.quant, self.te_quant, self.loras, self.lora_scale = quant, te_quant, list(loras), lora_scale
+        self.offload_blocks, self.compile = offload_blocks, compile
+        self.flavour, self.sched = read_flavour(ckpt), read_scheduler(ckpt)
+        self.built: dict[str, object] = {}
+        self.loads: Counter = Counter()
+
+    def text_encoder(self) -> TextEncoder:
+        return self._get("text_encoder", ("vae", "transformer"))
+
+    def vae(self) -> M.VAE:
+        return self._get("vae", ("text_encoder",))
+
+    def transformer(self) -> M.LongCatTransformer:
+        return self._get("transformer", ("text_encoder",))
+
+    def drop(self, name: str) -> None:
+        """Free one model for good (training drops the text encoder once everything is encoded)."""
+        if self.built.pop(name, None) is not None:
+            free_memory()
+
+    def park(self) -> None:
+        """Everything to the CPU (training parks the VAE between validations)."""
+        for name in list(self.built):
+            self._move(name, torch.device("cpu"))
+
+    def _get(self, name: str, others: tuple[str, ...]):
+        for other in others if not self.resident else ():
+            if other in self.built and self.keep:
+                self._move(other, torch.device("cpu"))
+            elif other in self.built:
+                self.drop(other)
+        if name not in self.built:
+            with stage(f"loading the {name.replace('_', ' ')}"):
+                self.built[name] = getattr(self, f"_load_{name}")()
+            self.loads[name] += 1
+        self._move(name, self.device)
+        return self.built[name]
+
+    def _move(self, name: str, device: torch.device) -> None:
+        m = self.built[name]
+        m = m.model if isinstance(m, TextEncoder) else m
+        if next(m.parameters()).device != device:
+            with stage(f"moving the {name.replace('_', ' ')} to {device}"):
+                m.to(device)
+            free_memory()
+
+    def _load_text_encoder(self) -> TextEncoder:
+        convert = quantizer(self.te_quant, "TEXT_ENCODER_TARGETS")
+        return load_text_encoder(self.ckpt, self.dtype, self.device, convert=convert)
+
+    def _load_vae(self) -> M.VAE:
+        return M.load_vae(self.ckpt, self.dtype, self.device)
+
+    def _load_transformer(self) -> M.LongCatTransformer:
+        import lora
+        import quant
+
+        where = "cpu" if self.offload_blocks else self.device  # offloaded blocks stay in (pinned) CPU memory
+        transformer = M.load_transformer(self.ckpt, self.dtype, where, convert=quantizer(self.quant))
+        for f in self.loras:  # each file is merged in, so several LoRAs (of any ranks) stack
+            lora.load_lora(transformer, f, scale=self.lora_scale)
+            if len(self.loras) > 1:
+                lora.merge_and_unload(transformer)
+        if self.offload_blocks:
+            blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+            transformer.offload = quant.offload_blocks(blocks, self.offload_blocks, self.device)
+        if self.compile:
+            transformer.compile_blocks()
+        return transformer
+
+
+def render(models: Models, prompt: str, ref, s: Settings, on_step=None, progress=True):
+    """The whole pipeline on a Models: prompt (+ the reference PIL image to edit) -> (image, previews)."""
+    from PIL import Image
+
+    size = s.size or (edit_size(*ref.size) if ref is not None else (1024, 1024))
+    ref = ref.resize(size, Image.LANCZOS) if ref is not None else None
+    with stage("encoding the prompt"):
+        te = models.text_encoder()
+        # the negative prompt sees the same reference image
+        txt, neg = te.encode(prompt, ref), te.encode(s.negative, ref) if s.guidance > 1 else None
+    vae = models.vae()
+    ref_latent = None
+    if ref is not None:
+        with stage(f"encoding the reference {size[0]}x{size[1]}"):
+            ref_latent = M.to_latent(vae, data.pil_to_tensor(ref).to(models.device))
+    transformer = models.transformer()
+    return generate(
+        transformer, vae, txt, neg, models.sched, replace(s, size=size), ref_latent, on_step, progress
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line: every input checked before the first model loads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--model", default="meituan-longcat/LongCat-Image-Edit", help="checkpoint folder or hub id"
-    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, hub id, or tiny / tiny-t2i")
     p.add_argument("--ref", help="the image to edit (edit checkpoints); leave out for text-to-image")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="the instruction (edit) or the description (t2i)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=40)
@@ -40,40 +492,144 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--resolution", help="WxH, multiples of 16 (edit: ~1 MP at the reference's aspect; t2i: 1024x1024)"
     )
-    p.add_argument("--out", help="output PNG (default: the next free edit-NNNN.png / t2i-NNNN.png here)")
+    p.add_argument("--out", help="output image (default: the next free edit-NNNN.png / t2i-NNNN.png here)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its previews) if they exist")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16 on CUDA/MPS, float32 on CPU")
-    p.add_argument("--device", help="default cuda, then mps, then cpu")
-    p.add_argument(
-        "--cfg-renorm", action=argparse.BooleanOptionalAction, default=True, help="t2i only (edit never)"
-    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--attention", default="auto", help=f"SDPA kernels: {', '.join(M.ATTENTION_CHOICES)}")
+    p.add_argument("--cfg-renorm", action=argparse.BooleanOptionalAction, default=True, help="t2i only")
     p.add_argument("--cfg-renorm-min", type=float, default=0.0)
     p.add_argument("--preview-every", type=int, default=0, help="also save the decoded image every N steps")
     p.add_argument("--lora", action="append", default=[], help="a LoRA .safetensors (repeatable)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--quant", default="none", help="transformer weights: none | int8 | fp8")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="0 gives the base model exactly")
+    p.add_argument("--quant", default="none", help="transformer weights: none | int8 | fp8 | fp8-compute")
     p.add_argument("--text-encoder-quant", default="none", help="text encoder weights: none | int8 | fp8")
+    p.add_argument("--offload-blocks", type=int, default=0, help="stream N blocks' weights from CPU memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--serve", action="store_true", help="serve the edit web page instead (serve.py)")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
+    p.add_argument("--port", type=int, default=7860, help="--serve: the port")
+    p.add_argument("--resident", action="store_true", help="--serve: keep every model on the GPU")
     return p.parse_args(argv)
 
 
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def parse_size(text: str) -> tuple[int, int]:
+def pick_device(name: str | None, key: str = "--device") -> torch.device:
+    """The device to run on: the one named (checked to exist), else cuda, then mps, then cpu."""
+    if not name or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{key} {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        seen = f"{torch.cuda.device_count()} CUDA device(s)" if torch.version.cuda else "a CPU-only torch"
+        raise ValueError(f"{key} {name!r}: not available here ({seen}); use cpu or install a CUDA torch")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{key} {name!r}: MPS is not available here; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{key} {name!r}: unsupported; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The models' dtype unless told otherwise: bfloat16 on a GPU, float32 on the CPU (it emulates bf16)."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def parse_size(text: str, key: str = "--resolution") -> tuple[int, int]:
+    """'WxH' -> (W, H), both positive multiples of 16."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise ValueError(f"--resolution {text!r}: expected WxH, e.g. 1024x768") from None
-    if w % 16 or h % 16 or w <= 0 or h <= 0:
-        raise ValueError(
-            f"--resolution {text}: width and height must be positive multiples of 16 "
-            f"(e.g. {max(w // 16 * 16, 16)}x{max(h // 16 * 16, 16)})"
-        )
+        raise ValueError(f"{key} {text!r}: expected WxH, e.g. 1024x768") from None
+    if w % 16 or h % 16 or not (16 <= w <= 8192 and 16 <= h <= 8192):
+        near = f"{min(max(w // 16 * 16, 16), 8192)}x{min(max(h // 16 * 16, 16), 8192)}"
+        raise ValueError(f"{key} {text}: width and height must be multiples of 16 in 16..8192 (e.g. {near})")
     return w, h
+
+
+def check_attention_backend(
+    name: str, device, dtype: torch.dtype, head_dim: int, grad: bool, key: str
+) -> None:
+    """Try the chosen attention kernels on a tiny input, then use them: a kernel this device lacks is named
+    now, with the choices, and nothing is changed."""
+    try:
+        backends = M.attention_backends(name)[grad]
+    except ValueError as e:
+        raise ValueError(f"{key} {e}") from None
+    q = torch.randn(1, 8, 2, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    try:
+        with torch.set_grad_enabled(grad), sdpa_kernel(backends) if backends else nullcontext():
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            if grad:
+                out.sum().backward()
+    except RuntimeError as e:
+        where = f"{device.type} with {str(dtype).removeprefix('torch.')}"
+        raise ValueError(
+            f"{key} {name!r}: not available on {where} ({str(e).splitlines()[0][:100]}); "
+            f"choose one of {', '.join(M.ATTENTION_CHOICES)}"
+        ) from None
+    M.set_attention_backend(name)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    finite = {
+        "--guidance": args.guidance,
+        "--lora-scale": args.lora_scale,
+        "--cfg-renorm-min": args.cfg_renorm_min,
+    }
+    for flag, value in finite.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} {value}: must be a finite number")
+    ranges = {
+        "--steps": (args.steps, 1, 1000),
+        "--seed": (args.seed, 0, 2**63 - 1),
+        "--guidance": (args.guidance, 0, 100),
+        "--cfg-renorm-min": (args.cfg_renorm_min, 0, 1),
+        "--preview-every": (args.preview_every, 0, 1000),
+        "--offload-blocks": (args.offload_blocks, 0, 60),
+        "--port": (args.port, 1, 65535),
+        "--lora-scale": (args.lora_scale, -100, 100),
+    }
+    for flag, (value, lo, hi) in ranges.items():
+        if not lo <= value <= hi:
+            raise ValueError(f"{flag} {value}: must be between {lo} and {hi}")
+
+
+def check_loras(files: list[str], ckpt: Path) -> None:
+    """Each --lora file read and held to the transformer's names and shapes (a meta-device model)."""
+    import lora
+
+    config = M._from_json(M.TransformerConfig, ckpt / "transformer/config.json")
+    with torch.device("meta"):
+        skeleton = M.LongCatTransformer(config)
+    for f in files:
+        if not Path(f).is_file():
+            raise ValueError(f"--lora {f}: no such file")
+        try:
+            lora.check_lora(skeleton, *lora.read_lora(f))
+        except ValueError as e:
+            raise ValueError(f"--lora {e}") from None
+
+
+def output_path(out: str | None, stem: str, overwrite: bool) -> Path:
+    """Where the image goes: --out (never replaced without --overwrite) or the next free STEM-NNNN.png;
+    its folder is made and checked to be writable now, not after the whole run."""
+    path = Path(out) if out else next_free(stem)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"--out {path}: use a .png, .jpg or .webp file name")
+    if path.is_dir() or (path.exists() and not overwrite):
+        raise ValueError(f"--out {path}: already exists; pass --overwrite to replace it, or another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+    return path
 
 
 def next_free(stem: str) -> Path:
@@ -83,101 +639,83 @@ def next_free(stem: str) -> Path:
     return Path(f"{stem}-{i:04d}.png")
 
 
-def free(*_):
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def save_image(image, path: Path, overwrite: bool) -> Path:
+    """Write next to `path` and move it into place: a full disk leaves no partial file, and without
+    overwrite a file that appeared meanwhile is never replaced (the next free name is taken instead)."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        image.save(tmp)
+        while True:
+            try:
+                os.replace(tmp, path) if overwrite else os.link(tmp, path)
+                break
+            except FileExistsError:
+                path = next_free(re.sub(r"-\d{4}$", "", path.with_suffix("").as_posix()))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write the image ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
-def quantizer(mode: str, flag: str, targets: str):
-    """The `convert` hook that quantizes a model while it loads, or None for full precision."""
+def prepare(args: argparse.Namespace) -> dict:
+    """Everything that can be checked without a model, in the order a user would fix it."""
     import quant
 
-    try:
-        mode = quant.normalize_mode(mode)
-    except ValueError as e:
-        raise ValueError(f"{flag}: {e}") from None
-    if mode == "none":
-        return None
-    return lambda m: quant.quantize_model(m, mode, targets=getattr(quant, targets))
-
-
-def run(args: argparse.Namespace) -> Path:
-    from PIL import Image, UnidentifiedImageError
-
+    check_numbers(args)
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    path = M.resolve_checkpoint(args.model)
-    flavour = M.read_flavour(path)
-    if flavour == "edit" and not args.ref:
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    for flag, mode in (("--quant", args.quant), ("--text-encoder-quant", args.text_encoder_quant)):
+        try:
+            quant.normalize_mode(mode, compute=flag == "--quant")
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+    ckpt = resolve_checkpoint(args.model)
+    flavour = read_flavour(ckpt)
+    if not args.serve and not args.prompt:
+        raise ValueError("--prompt is required (or --serve for the web page)")
+    if not args.serve and flavour == "edit" and not args.ref:
         raise ValueError(f"{args.model} is an edit checkpoint: give the image to edit with --ref")
     if flavour == "t2i" and args.ref:
         raise ValueError(f"{args.model} is a text-to-image checkpoint: --ref needs LongCat-Image-Edit")
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: must be at least 1")
-    te_convert = quantizer(args.text_encoder_quant, "--text-encoder-quant", "TEXT_ENCODER_TARGETS")
-    convert = quantizer(args.quant, "--quant", "DEFAULT_TARGETS")
-    for f in args.lora:  # before any model loads: a typo should not cost a text-encoder pass
-        if not Path(f).exists():
-            raise ValueError(f"--lora {f}: no such file")
-    ref = None
-    if args.ref:
-        try:
-            ref = Image.open(args.ref)
-            ref.load()
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"--ref {args.ref}: cannot read the image ({e})") from None
-        ref = ref.convert("RGB")
-        width, height = parse_size(args.resolution) if args.resolution else M.edit_size(*ref.size)
-        ref = ref.resize((width, height), Image.LANCZOS)
-    else:
-        width, height = parse_size(args.resolution) if args.resolution else (1024, 1024)
-    out = Path(args.out) if args.out else next_free("edit" if ref else "t2i")
-    use_cfg = args.guidance > 1
+    head_dim = M.read_json(ckpt / "transformer/config.json").get("attention_head_dim", 128)
+    check_attention_backend(args.attention, device, dtype, head_dim, grad=False, key="--attention")
+    check_loras(args.lora, ckpt)
+    ref = data.load_rgb(Path(args.ref), key="--ref") if args.ref else None
+    size = parse_size(args.resolution) if args.resolution else None
+    out = None if args.serve else output_path(args.out, "edit" if ref else "t2i", args.overwrite)
+    if out is not None and args.preview_every:
+        for step in range(args.preview_every, args.steps, args.preview_every):
+            output_path(str(out.with_name(f"{out.stem}-step{step:03d}.png")), "", args.overwrite)
+    return dict(device=device, dtype=dtype, ckpt=ckpt, flavour=flavour, ref=ref, size=size, out=out)
 
-    # Stage 1: the prompts (the negative prompt sees the same reference image).
-    te = M.load_text_encoder(path, dtype, device, convert=te_convert)
-    txt = te.encode(args.prompt, ref)
-    neg = te.encode(args.negative_prompt, ref) if use_cfg else None
-    del te
-    free()
 
-    # Stage 2: the reference latent, then the transformer denoises.
-    vae = M.load_vae(path, dtype, device)
-    ref_latent = M.to_latent(vae, M.pil_to_tensor(ref).to(device)) if ref is not None else None
-    transformer = M.load_transformer(path, dtype, device, convert=convert)
-    if args.lora:
-        import lora
-
-        for f in args.lora:  # each file is merged in, so several LoRAs (of any ranks) stack
-            lora.load_lora(transformer, f, scale=args.lora_scale)
-            if len(args.lora) > 1:
-                lora.merge_and_unload(transformer)
-    # The edit pipeline draws its noise in the model dtype, the t2i pipeline in float32.
-    noise = M.initial_noise(args.seed, height, width, dtype, None if ref is not None else torch.float32).to(
-        device
+def run(args: argparse.Namespace) -> Path | None:
+    plan = prepare(args)
+    models = Models(plan["ckpt"], plan["device"], plan["dtype"], keep=args.serve, resident=args.resident)
+    models.quant, models.te_quant, models.offload_blocks = (
+        args.quant,
+        args.text_encoder_quant,
+        args.offload_blocks,
     )
-    sigmas = M.schedule(args.steps, (height // 16) * (width // 16), M.read_scheduler(path))
+    models.loras, models.lora_scale, models.compile = args.lora, args.lora_scale, args.compile
+    settings = Settings(plan["size"], args.seed, args.steps, args.guidance, args.negative_prompt)
+    settings.cfg_renorm, settings.cfg_renorm_min, settings.preview_every = (
+        args.cfg_renorm,
+        args.cfg_renorm_min,
+        args.preview_every,
+    )
+    if args.serve:
+        import serve
 
-    def preview(i, latent):
-        if args.preview_every and (i + 1) % args.preview_every == 0 and i + 1 < args.steps:
-            with torch.no_grad():
-                M.tensor_to_pil(M.from_latent(vae, latent)).save(
-                    out.with_name(f"{out.stem}-step{i + 1:03d}.png")
-                )
-
-    latent = M.sample(transformer, noise, txt, neg, sigmas, args.guidance, ref=ref_latent,
-                      cfg_renorm=args.cfg_renorm and ref is None, cfg_renorm_min=args.cfg_renorm_min,
-                      callback=preview)  # fmt: skip
-    del transformer
-    free()
-
-    # Stage 3: decode.
-    with torch.no_grad():
-        image = M.tensor_to_pil(M.from_latent(vae, latent))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    print(f"wrote {out} ({width}x{height}, {args.steps} steps, guidance {args.guidance}, seed {args.seed})")
+        return serve.serve(partial(render, models), settings, plan["flavour"], args.host, args.port)
+    image, previews = render(models, args.prompt, plan["ref"], settings)
+    out = plan["out"]
+    for step, preview in previews:
+        save_image(preview, out.with_name(f"{out.stem}-step{step:03d}.png"), args.overwrite)
+    out = save_image(image, out, args.overwrite)
+    w, h = image.size
+    print(f"wrote {out} ({w}x{h}, {args.steps} steps, guidance {args.guidance}, seed {args.seed})")
     return out
 
 
@@ -185,11 +723,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (
-        ValueError,
-        FileNotFoundError,
-    ) as e:  # CheckpointError is a ValueError: a message, not a traceback
-        sys.exit(f"error: {e}")
+    # CheckpointError, DataError, OutOfMemory are ValueErrors: a message, not a traceback
+    except (ValueError, OSError) as e:
+        sys.exit("error: " + " ".join(str(e).split()))
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random LongCat checkpoints in the released folder layout, and diffusers' pipelines
 built on the same files (diffusers is the oracle; it is never imported by minicat itself)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +14,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import model as M  # noqa: E402
+import tiny  # noqa: E402
+import validate  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_edit(tmp_path_factory) -> Path:
-    return M.write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-edit", "edit", seed=0)
+    return tiny.write(tmp_path_factory.mktemp("ckpt") / "tiny-edit", "edit", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_t2i(tmp_path_factory) -> Path:
-    return M.write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-t2i", "t2i", seed=1)
+    return tiny.write(tmp_path_factory.mktemp("ckpt") / "tiny-t2i", "t2i", seed=1)
 
 
 class VLProcessor:
@@ -48,7 +50,7 @@ def diffusers_pipeline(path: Path, dtype=None):
 
     dtype = dtype or torch.float32
     proc = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    cls = LongCatImageEditPipeline if M.read_flavour(path) == "edit" else LongCatImagePipeline
+    cls = LongCatImageEditPipeline if validate.read_flavour(path) == "edit" else LongCatImagePipeline
     return cls(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
@@ -68,14 +70,53 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def run_script(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+def run_script(*args, cwd=None, check=True, env=None) -> subprocess.CompletedProcess:
     """Run one of minicat's scripts as a user would; returns the finished process (output captured)."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True)
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True, env=env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def flags(**kw) -> list[str]:
+    """Command-line flags from keywords: negative_prompt="x" -> --negative-prompt x, True -> the bare flag,
+    False -> nothing, a list -> the flag once per item (--lora a --lora b)."""
+    out = []
+    for key, value in kw.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not False:
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                out += [flag, str(item)]
+    return out
+
+
+def validate_cli(check=True, cwd=None, **kw) -> subprocess.CompletedProcess:
+    """`python validate.py --key value ...` as a user types it."""
+    return run_script(ROOT / "validate.py", *flags(**kw), cwd=cwd, check=check)
+
+
+def train_cli(config, *extra, check=True, env=None, **keys) -> subprocess.CompletedProcess:
+    """`python train.py config.toml --key=value ...` as a user types it."""
+    overrides = [f"--{k}={v}" for k, v in keys.items()]
+    return run_script(ROOT / "train.py", config, *extra, *overrides, check=check, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """The run failed with a single `error:` line containing every needle, and no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode != 0, f"expected a failure, got rc 0:\n{proc.stdout[-1000:]}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 class ToyBlock(nn.Module):

@@ -5,7 +5,6 @@ loader is deterministic, resumable and splits cleanly across ranks. Small genera
 import hashlib
 import json
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -15,9 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import ROOT, assert_one_line_error, run_script  # noqa: E402
+
 import data  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
 
 RES, ALIGN = 64, 16  # buckets (48, 96), (48, 80), (64, 64), (80, 48), (96, 48): tiny, but both ways
 
@@ -347,7 +352,7 @@ def test_dataset_folders_are_never_written(tmp_path):
 def test_entries_carry_their_source_and_bucket(tmp_path):
     report, _ = build(edit_config(tmp_path, {"wide.png": (120, 60)}), tmp_path)
     s = report.samples[0]
-    with data.safe_open(s.entries["reference"], "pt") as f:
+    with safe_open(s.entries["reference"], "pt") as f:
         meta = f.metadata()
     assert meta["source"].endswith("ref/wide.png") and meta["bucket"] == "96x48"
 
@@ -453,8 +458,11 @@ def test_cli_reports_problems_in_one_line_each(tmp_path, capsys, problem):
     config = write_toml(tmp_path, cfg, 'pretrained_model_name_or_path = "/nonexistent/checkpoint"')
     if problem == "bad toml":
         config.write_text(config.read_text() + "resolution = = 3\n")
-    assert data.main([str(config)]) != 0  # returns: no exception escaped
-    lines = capsys.readouterr().err.strip().splitlines()
+    with pytest.raises(
+        SystemExit
+    ) as stop:  # `python data.py config.toml` is train.py stopping after the data
+        train.main([str(config)], prepare_only=True)
+    lines = str(stop.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     expected = {"orphan": "b.png", "truncated": "a.png", "unknown key": "caption_strategy", "bad toml": "at"}
     assert expected[problem] in lines[0], lines[0]
@@ -464,22 +472,18 @@ def test_cli_reports_problems_in_one_line_each(tmp_path, capsys, problem):
 def test_cli_process_exits_non_zero_without_a_traceback(tmp_path):
     cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)})
     (tmp_path / "ref/b.png").unlink()
-    script = Path(__file__).resolve().parents[1] / "data.py"
-    cmd = [sys.executable, str(script), str(write_toml(tmp_path, cfg))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and "b.png" in out.stderr
+    proc = run_script(ROOT / "data.py", write_toml(tmp_path, cfg), check=False)
+    assert_one_line_error(proc, "b.png")
 
 
 def test_cli_builds_with_a_tiny_checkpoint_then_reuses_everything(tmp_path, capsys):
-    model = pytest.importorskip("model")
-    model.write_tiny_checkpoint(tmp_path / "ckpt", "edit")
+    tiny.write(tmp_path / "ckpt", "edit")
     cfg = edit_config(tmp_path, {"a.png": (128, 64), "b.png": (64, 128)}, resolution=96)
     cfg[1]["resolution"] = 96
     config = write_toml(tmp_path, cfg, 'pretrained_model_name_or_path = "ckpt"\naspect_bucket_alignment = 32')
     for expected in ("0 reused, 10 written", "10 reused, 0 written"):  # 2 x (2 latents, 2 captions, "")
         capsys.readouterr()
-        assert data.main([str(config)]) == 0
+        train.main([str(config)], prepare_only=True)
         out = capsys.readouterr()
         assert expected in out.out, out.err[-2000:]
     model_id = data.model_identity(tmp_path / "ckpt")
@@ -488,3 +492,91 @@ def test_cli_builds_with_a_tiny_checkpoint_then_reuses_everything(tmp_path, caps
     w, h = batch["bucket"]
     assert batch["target"].shape == batch["reference"].shape == (1, 16, h // 8, w // 8)
     assert batch["text"].shape == batch["text_empty"].shape and batch["text"].shape[1] > 512
+
+
+def test_data_py_runs_on_the_tiny_example_config(tmp_path):
+    """`python data.py examples/tiny.toml`: the `tiny` checkpoint is known to it (a random one, cached)."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    proc = run_script(ROOT / "data.py", ROOT / "examples/tiny.toml", env=env)
+    assert "6 samples; cache entries:" in proc.stdout and (tmp_path / "xdg/minicat").is_dir(), proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nothing skipped silently, nothing used unchecked
+
+
+def test_files_that_are_skipped_are_reported(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)}, refs={"a.png": (64, 64), "lonely.png": (64, 64)})
+    Image.new("RGB", (64, 64)).save(tmp_path / "edit/anim.gif")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ref/anim.gif")
+    (tmp_path / "edit/anim.txt").write_text("make it move")
+    report, _ = build(cfg, tmp_path)
+    warnings = "\n".join(report.warnings)
+    assert "dataset 'edits': skipped 1 file(s) that are not" in warnings and "anim.gif" in warnings, warnings
+    assert "dataset 'refs': skipped 1 file(s)" in warnings
+    assert "1 reference(s) without an edit image, skipped: lonely" in warnings, warnings
+    assert len(report.samples) == 1
+
+
+def test_reference_captions_replace_the_instructions_with_a_warning(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)})
+    cfg[1]["caption_strategy"] = "textfile"  # SimpleTuner's configs may carry this on the reference set
+    (tmp_path / "ref/a.txt").write_text("the reference's caption")
+    report, enc = build(cfg, tmp_path)
+    captions = {s.target.name: s.captions for s in report.samples}
+    assert captions == {"a.png": ["the reference's caption"], "b.png": ["make b blue", "recolour it"]}
+    assert (
+        sum("dataset 'refs' has captions: they replace those of 'edits'" in w for w in report.warnings) == 1
+    )
+
+
+def test_a_nan_cache_entry_is_named_and_made_again(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})
+    report, _ = build(cfg, tmp_path)
+    entry = report.samples[0].entries["texts"][0]
+    t = load_file(entry)["text"]
+    data._write(entry, "text", torch.full_like(t, float("nan")), {})
+    report, enc = build(cfg, tmp_path)
+    assert enc.text_calls == 1 and report.misses == 1, (enc.text_calls, report.misses)
+    assert any(f"cache entry {entry}: holds NaN or inf: made again" in w for w in report.warnings), (
+        report.warnings
+    )
+    assert torch.isfinite(load_file(entry)["text"]).all()
+
+
+def test_the_loader_refuses_an_entry_damaged_during_the_run(tmp_path):
+    samples = loader_samples(tmp_path, n=3)
+    latent = samples[0].entries["target"]
+    latent.write_bytes(latent.read_bytes()[:-100])
+    with pytest.raises(data.DataError, match=f"cache entry {latent}: unreadable"):
+        take(data.Loader(samples, batch_size=1, seed=0), 3)
+
+
+def test_text_entries_depend_on_the_text_encoders_precision(tmp_path):
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})
+    enc = Encoders()
+    sets = parse(cfg, tmp_path)
+    full = data.build_caches(sets, enc.latents, enc.text, "m", "float32", "none", progress=False)
+    int8 = data.build_caches(sets, enc.latents, enc.text, "m", "float32", "int8", progress=False)
+    a, b = full.samples[0].entries, int8.samples[0].entries
+    assert a["texts"] != b["texts"] and a["empty"] != b["empty"] and a["target"] == b["target"]
+    assert int8.misses == 3 and int8.hits == 2  # the three texts re-encoded, the two latents reused
+
+
+def test_every_latent_is_encoded_before_any_text(tmp_path):
+    """So the VAE and the text encoder need never be on the GPU together."""
+    order = []
+    enc = Encoders()
+
+    def latents(x):
+        order.append("latent")
+        return enc.latents(x)
+
+    def text(prompt, ref):
+        order.append("text")
+        return enc.text(prompt, ref)
+
+    data.build_caches(
+        parse(edit_config(tmp_path, MIXED), tmp_path), latents, text, "m", "float32", progress=False
+    )
+    assert order == sorted(order) and order.count("latent") == 6 and order.count("text") == 9, order

@@ -129,12 +129,14 @@ def test_lora_branch_runs_in_the_input_dtype():
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
+    """fold=False, as training checkpoints are written: B and alpha as trained, so resuming is exact."""
     base, model = trained_toy(rank=4, alpha=8)
-    save_lora(tmp_path / "a.safetensors", model, metadata={"steps": 3})
+    save_lora(tmp_path / "a.safetensors", model, metadata={"steps": 3}, fold=False)
     with safetensors.safe_open(tmp_path / "a.safetensors", framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
-        alpha = f.get_tensor("transformer.transformer_blocks.0.attn.to_q.alpha")
-    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys and alpha.item() == 8.0
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys and not any(
+        ".alpha" in k for k in keys
+    )
     config = json.loads(meta["lora_adapter_metadata"])
     assert config["transformer.r"] == 4 and config["transformer.lora_alpha"] == 8
     assert len(config["transformer.target_modules"]) == 8 and meta["steps"] == "3"
@@ -144,12 +146,37 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert load_lora(fresh, tmp_path / "a.safetensors") == modules
     x = torch.randn(2, 5, 16)
     assert torch.equal(fresh(x), model(x))
+    stored = safetensors.torch.load_file(tmp_path / "a.safetensors")
+    assert all(torch.equal(stored[f"transformer.{k}"], v) for k, v in lora_state_dict(model).items())
 
     resumed = copy.deepcopy(base)  # resuming: adapters injected first keep their identity (optimizer state)
     inject_lora(resumed, rank=4, alpha=8)
     params = [id(p) for p in resumed.parameters()]
     load_lora(resumed, tmp_path / "a.safetensors")
     assert [id(p) for p in resumed.parameters()] == params and torch.equal(resumed(x), model(x))
+
+
+def test_the_shared_file_folds_alpha_into_b(tmp_path):
+    """fold=True (the default, the file people share): B x alpha / rank, alpha = rank, no .alpha keys."""
+    base, model = trained_toy(rank=4, alpha=6)
+    save_lora(tmp_path / "shared.safetensors", model)
+    with safetensors.safe_open(tmp_path / "shared.safetensors", framework="pt") as f:
+        stored, meta = (
+            {k: f.get_tensor(k) for k in f.keys()},
+            json.loads(f.metadata()["lora_adapter_metadata"]),
+        )
+    assert (
+        meta["transformer.r"] == 4
+        and meta["transformer.lora_alpha"] == 4
+        and not any(".alpha" in k for k in stored)
+    )
+    for k, v in lora_state_dict(model).items():
+        expected = v * 1.5 if ".lora_B." in k else v
+        assert torch.equal(stored[f"transformer.{k}"], expected), k
+    fresh = copy.deepcopy(base)
+    load_lora(fresh, tmp_path / "shared.safetensors")
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_load_rejects_a_mismatching_file(tmp_path):
@@ -232,30 +259,66 @@ def randomise_lora_B(model):
             p.data = torch.randn(p.shape, generator=g) * 0.1
 
 
-def test_our_file_loads_in_diffusers_and_comfyui_identically(tmp_path):
-    base = tiny_longcat()
-    ours = copy.deepcopy(base)
-    assert len(inject_lora(ours, rank=4, alpha=8)) == 15  # 12 in the joint block, q/k/v in the single one
-    randomise_lora_B(ours)
-    y = run(ours)
-    save_lora(tmp_path / "pytorch_lora_weights.safetensors", ours)
+def loaded_everywhere(path, base) -> dict[str, torch.Tensor]:
+    """The output of `base` with the LoRA file at `path` applied by each loader a user may meet."""
+    import peft
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
-    theirs = copy.deepcopy(base)
-    theirs.load_lora_adapter(
-        tmp_path / "pytorch_lora_weights.safetensors", prefix="transformer", use_safetensors=True
+    outs = {}
+    for name, kw in (
+        ("diffusers load_lora_adapter", {}),
+        ("... use_safetensors=True", {"use_safetensors": True}),
+    ):
+        theirs = copy.deepcopy(base)
+        theirs.load_lora_adapter(path, prefix="transformer", **kw)
+        outs[name] = run(theirs)
+    # the Flux-family pipeline loaders (load_lora_weights): alphas and metadata read from the file, applied
+    sd, alphas, meta = FluxLoraLoaderMixin.lora_state_dict(
+        path, return_alphas=True, return_lora_metadata=True
     )
-    torch.testing.assert_close(run(theirs), y, rtol=1e-5, atol=1e-6)
-
-    # ComfyUI (comfy/weight_adapter/lora.py): W += (<key>.alpha / rank) * up @ down, metadata unread.
-    comfy = copy.deepcopy(base)
-    sd = safetensors.torch.load_file(tmp_path / "pytorch_lora_weights.safetensors")
-    for key in [k for k in sd if k.endswith(".alpha")]:
-        x = key.removesuffix(".alpha")
-        up, down = sd[f"{x}.lora_B.weight"], sd[f"{x}.lora_A.weight"]
-        comfy.get_submodule(x.removeprefix("transformer.")).weight.data += (
-            sd[key].item() / down.shape[0] * up @ down
+    flux = copy.deepcopy(base)
+    FluxLoraLoaderMixin.load_lora_into_transformer(sd, network_alphas=alphas, transformer=flux, metadata=meta)
+    outs["Flux-style lora_state_dict + load_lora_into_transformer"] = run(flux)
+    # peft by hand: its LoraConfig from the file's metadata
+    with safetensors.safe_open(path, framework="pt") as f:
+        tensors, config = (
+            {k: f.get_tensor(k) for k in f.keys()},
+            json.loads(f.metadata()["lora_adapter_metadata"]),
         )
-    torch.testing.assert_close(run(comfy), y, rtol=1e-5, atol=1e-6)
+    with_peft = copy.deepcopy(base)
+    peft.inject_adapter_in_model(
+        peft.LoraConfig(**{k.removeprefix("transformer."): v for k, v in config.items()}), with_peft
+    )
+    peft.set_peft_model_state_dict(with_peft, {k.removeprefix("transformer."): v for k, v in tensors.items()})
+    outs["peft"] = run(with_peft)
+    # ComfyUI arithmetic (comfy/weight_adapter/lora.py): W += (alpha / rank if <key>.alpha, else 1) up @ down
+    # on the module the `transformer.<diffusers name>` key names (comfy/lora.py); metadata is not read
+    comfy = copy.deepcopy(base)
+    for key in (k for k in tensors if k.endswith(".lora_A.weight")):
+        module = key.removesuffix(".lora_A.weight")
+        down, up = tensors[key], tensors[f"{module}.lora_B.weight"]
+        scale = tensors[f"{module}.alpha"].item() / down.shape[0] if f"{module}.alpha" in tensors else 1.0
+        comfy.get_submodule(module.removeprefix("transformer.")).weight.data += scale * up @ down
+    outs["ComfyUI"] = run(comfy)
+    ours = copy.deepcopy(base)
+    load_lora(ours, path)
+    outs["validate.py (lora.load_lora)"] = run(ours)
+    return outs
+
+
+def test_our_file_applies_identically_in_every_loader_with_alpha_not_rank(tmp_path):
+    base = tiny_longcat()
+    model = copy.deepcopy(base)
+    assert len(inject_lora(model, rank=4, alpha=6)) == 15  # 12 in the joint block, q/k/v in the single one
+    randomise_lora_B(model)
+    want = run(model)
+    save_lora(tmp_path / "pytorch_lora_weights.safetensors", model)
+    outs = loaded_everywhere(tmp_path / "pytorch_lora_weights.safetensors", base)
+    assert (want - run(base)).abs().max() > 1e-2  # the LoRA matters
+    for loader, got in outs.items():
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-6, msg=lambda m, loader=loader: f"{loader}: {m}"
+        )
 
 
 @pytest.mark.parametrize("layout", ["save_lora_adapter", "save_lora_weights", "peft_save_pretrained"])

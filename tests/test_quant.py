@@ -177,3 +177,71 @@ def test_mode_aliases_and_unknown_names():
         normalize_mode("int4")
     with pytest.raises(ValueError, match="'nf4'"):
         quantize_model(Toy(), "nf4")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_fp8_compute_stays_within_activation_rounding_of_fp8_weights():
+    """fp8-compute also rounds the activations to e4m3 (per-token scales): a few percent at most, and the
+    input gradient is the weight-only one exactly (gradients are not quantized)."""
+    lin = linear(64, 128)
+    weight_only, compute = QuantLinear.from_linear(lin, "fp8"), QuantLinear.from_linear(lin, "fp8-compute")
+    assert (
+        compute.compute
+        and compute.mode == "fp8"
+        and torch.equal(compute.weight.float(), weight_only.weight.float())
+    )
+    x = torch.randn(3, 40, 128, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_weight_only, y_compute = weight_only(x1), compute(x2)
+    exact = F.linear(x.float(), lin.weight, lin.bias)
+    assert y_compute.dtype == torch.bfloat16 and y_compute.shape == (3, 40, 64)
+    assert rel(y_compute, y_weight_only) < 0.05, rel(y_compute, y_weight_only)
+    assert rel(y_compute, exact) < 0.06, rel(y_compute, exact)
+    g = torch.randn_like(y_compute)
+    y_weight_only.backward(g)
+    y_compute.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+def test_fp8_compute_is_refused_for_the_text_encoder_and_named_in_errors():
+    assert normalize_mode("fp8-compute") == "fp8-compute"
+    with pytest.raises(
+        ValueError, match="unknown quantization mode 'fp8-compute'; choose one of: int8, fp8, none"
+    ):
+        normalize_mode("fp8-compute", compute=False)
+
+
+def test_offloaded_blocks_give_bit_identical_losses_and_lora_gradients(tiny_edit):
+    import model as M
+    import quant
+
+    def step(offload: int):
+        torch.manual_seed(0)
+        model = M.load_transformer(tiny_edit, torch.float32, convert=lambda m: quantize_model(m, "int8"))
+        inject_lora(model, 4, 4)
+        for p in (p for n, p in model.named_parameters() if "lora_B" in n):
+            p.data.normal_(0, 0.1)
+        mark_only_lora_as_trainable(model)
+        model.gradient_checkpointing = True
+        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+        if offload:
+            quant.offload_blocks(blocks, offload, "cpu")
+        g = torch.Generator().manual_seed(1)
+        L, ids = 5, torch.cat([M.image_ids(3, 4, 5, 1), M.image_ids(3, 4, 5, 2)])
+        img, txt = torch.randn(1, 24, 64, generator=g), torch.randn(1, L, 64, generator=g)
+        out = model(img, txt, torch.tensor([0.4]), ids, M.text_ids(L))
+        loss = out.square().mean()
+        loss.backward()
+        # the offloaded blocks that hold weights on the device now, between uses
+        held = [b for b in blocks[:offload] if any(True for _ in b.buffers())]
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, held
+
+    base_loss, base_grads, _ = step(0)
+    loss, grads, held = step(3)
+    assert torch.equal(loss, base_loss) and grads.keys() == base_grads.keys()
+    assert all(torch.equal(grads[k], base_grads[k]) for k in grads)
+    # after the step at most the block the backward pass recomputed last still holds its weights
+    assert len(held) <= 1, f"{len(held)} of 3 offloaded blocks hold their weights after the step"
