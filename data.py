@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm import tqdm
@@ -224,7 +224,8 @@ def load_rgb(
         return img.convert("RGB")
     # ValueError: also a mode Pillow cannot convert to RGB
     except READ_ERRORS as e:
-        raise DataError([f"{key + ' ' if key else ''}{path}: cannot read image ({e})"]) from None
+        why = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else e
+        raise DataError([f"{key + ' ' if key else ''}{path}: cannot read image ({why})"]) from None
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -431,9 +432,8 @@ def write_atomic(path: Path, write: Callable[[Path], None], what: str = "") -> N
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         tmp.unlink(missing_ok=True)
-        raise DataError(
-            [f"{path}: cannot write {what}({getattr(e, 'strerror', None) or e}); free disk space or fix permissions"]
-        ) from None
+        why = getattr(e, "strerror", None) or e
+        raise DataError([f"{path}: cannot write {what}({why}); free disk space or fix permissions"]) from None
 
 
 def _write(path: Path, key: str, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
@@ -539,33 +539,50 @@ def build_caches(
         raise DataError(
             [f"{n} cache entries are missing or bad, e.g. {first}: build them with python data.py"]
         )
-    latents = [
+    report.misses += _encode_latents(samples, status, encode_latents, progress)
+    report.misses += _encode_texts(samples, status, encode_text, progress)
+    for s in (s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]):
+        report.warnings.append(f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}")
+    return report
+
+
+def _encode_latents(samples: list[Sample], status: dict[Path, bool], encode, progress: bool) -> int:
+    """The VAE pass: every missing latent entry (an entry shared by samples is written once)."""
+    todo = [
         (s, k) for s in samples for k in ("target", "reference") if not status.get(s.entries.get(k), True)
     ]
-    texts = [
+    written = 0
+    for s, kind in tqdm(
+        todo, desc="caching latents", unit="image", disable=not (progress and todo), file=sys.stdout
+    ):
+        path, image, (w, h) = s.entries[kind], getattr(s, kind), s.bucket
+        if not status[path]:
+            fitted = _load_fitted(image, s.reference_hash if kind == "reference" else s.target_hash, s.bucket)
+            with torch.inference_mode():
+                z = encode(pil_to_tensor(fitted))
+            assert z.shape == (1, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR), (z.shape, s.bucket)
+            _write(path, "latent", z[0].float(), {"source": str(image), "bucket": f"{w}x{h}"})
+            status[path], written = True, written + 1
+    return written
+
+
+def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progress: bool) -> int:
+    """The text-encoder pass: every missing text entry; an edit's text sees its reference at bucket size."""
+    todo = [
         (s, c, p)
         for s in samples
         for c, p in zip([*s.captions, ""], [*s.entries["texts"], s.entries["empty"]], strict=True)
     ]
-    texts = [(s, c, p) for s, c, p in texts if not status[p]]
-    for s, k in tqdm(latents, desc="caching latents", unit="image", disable=not (progress and latents)):
-        path, image = s.entries[k], getattr(s, k)
-        if not status[path]:  # an earlier sample may share the entry
-            fitted = _load_fitted(image, s.reference_hash if k == "reference" else s.target_hash, s.bucket)
-            with torch.inference_mode():
-                z = encode_latents(pil_to_tensor(fitted))
-            assert z.shape == (1, LATENT_CHANNELS, s.bucket[1] // VAE_FACTOR, s.bucket[0] // VAE_FACTOR), (
-                z.shape
-            )
-            _write(path, "latent", z[0].float(), {"source": str(image), "bucket": "{}x{}".format(*s.bucket)})
-            status[path], report.misses = True, report.misses + 1
-    ref, ref_of = None, None
-    for s, caption, path in tqdm(texts, desc="caching texts", unit="text", disable=not (progress and texts)):
+    todo = [(s, c, p) for s, c, p in todo if not status[p]]
+    ref, ref_of, written = None, None, 0
+    for s, caption, path in tqdm(
+        todo, desc="caching texts", unit="text", disable=not (progress and todo), file=sys.stdout
+    ):
         if not status[path]:
-            if s.reference and ref_of is not s:  # the reference at the bucket size: Qwen sees it
+            if s.reference and ref_of is not s:
                 ref, ref_of = _load_fitted(s.reference, s.reference_hash, s.bucket), s
             with torch.inference_mode():
-                t = encode_text(caption, ref if s.reference else None)
+                t = encode(caption, ref if s.reference else None)
             assert t.ndim == 3 and t.shape[0] == 1, (caption, t.shape)
             meta = {
                 "source": str(s.reference or s.target),
@@ -573,10 +590,8 @@ def build_caches(
                 "prompt": caption,
             }
             _write(path, "text", t[0], meta)
-            status[path], report.misses = True, report.misses + 1
-    for s in (s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]):
-        report.warnings.append(f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}")
-    return report
+            status[path], written = True, written + 1
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------

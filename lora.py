@@ -54,6 +54,9 @@ DEFAULT_TARGETS = (
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 )  # fmt: skip
+# The rest of the peft LoraConfig diffusers writes into lora_adapter_metadata (plain LoRA, default init).
+PEFT_REST = {"bias": "none", "use_dora": False, "use_rslora": False, "init_lora_weights": True,
+             "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
 FILE_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")  # stripped from keys when loading
 FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # looked for in a directory
 
@@ -223,11 +226,7 @@ def save_lora(
     if fold:
         tensors = {k: v * (alpha / rank) if ".lora_B." in k else v for k, v in tensors.items()}
         alpha = float(rank)
-    config = {
-        "r": rank, "lora_alpha": alpha, "target_modules": modules, "lora_dropout": dropout,
-        "bias": "none", "use_dora": False, "use_rslora": False, "init_lora_weights": True,
-        "rank_pattern": {}, "alpha_pattern": {},
-    }  # fmt: skip
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": modules, "lora_dropout": dropout, **PEFT_REST}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta["format"] = "pt"
     meta["lora_adapter_metadata"] = json.dumps(

@@ -52,8 +52,16 @@ QWEN_VISION = dict(
     window_size=112,
     fullatt_block_indexes=[1],
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # The released scheduler and image processor settings (SPEC §1).
 SCHEDULER = dict(
     _class_name="FlowMatchEulerDiscreteScheduler",

@@ -22,7 +22,6 @@ locked by the run using it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -31,16 +30,16 @@ import shutil
 import socket
 import sys
 import time
-import typing
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+import config
 import data
 import lora
 import model as M
@@ -48,213 +47,35 @@ import quant
 import validate
 
 try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-try:
     import fcntl
 except ImportError:  # Windows: no output_dir lock
     fcntl = None
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Config: every key of config.toml, checked before any work
-
-
-@dataclass
-class Config:
-    """config.toml's keys (SimpleTuner's names where one exists); defaults are the official recipe's."""
-
-    # folder, hub id, or "tiny" / "tiny-t2i"
-    pretrained_model_name_or_path: str = "meituan-longcat/LongCat-Image-Edit"
-    # edit | final | dev; "" = what the checkpoint is
-    model_flavour: str = ""
-    # no_change | int8 | fp8 | fp8-compute (int8-quanto, fp8-torchao are aliases)
-    base_model_precision: str = "int8"
-    # the text encoder while caching: no_change | int8 | fp8
-    text_encoder_precision: str = "no_change"
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_targets: list = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
-    lora_dropout: float = 0.0
-    output_dir: str = "output"
-    # start over in an output_dir holding another run (its files are moved aside, never deleted)
-    overwrite_output_dir: bool = False
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    # constant | cosine | linear (after the warmup)
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_train_steps: int = 2000
-    # > 0: stop after this many epochs if that comes first
-    num_train_epochs: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    checkpointing_steps: int = 250
-    checkpoints_total_limit: int = 3
-    # latest | none | a checkpoint folder
-    resume_from_checkpoint: str = "latest"
-    seed: int = 0
-    # bf16: the base and activations in bfloat16 on a GPU (LoRA weights and AdamW stay float32) | no
-    mixed_precision: str = "bf16"
-    gradient_checkpointing: bool = True
-    # keep attention outputs through checkpointing: faster at large sizes, more memory
-    checkpoint_keep_attention: bool = False
-    # auto | flash | efficient | cudnn | math (auto never uses cuDNN where a backward pass runs)
-    attention_backend: str = "auto"
-    # torch.compile each block (regional: two compiles)
-    compile: bool = False
-    # stream the first N blocks' frozen weights from CPU memory (needs gradient_checkpointing)
-    offload_blocks: int = 0
-    # the empty instruction this often, the reference kept
-    caption_dropout_probability: float = 0.1
-    flow_schedule_auto_shift: bool = True
-    # with auto shift off and > 0: a static shift s
-    flow_schedule_shift: float = 0.0
-    flow_use_uniform_schedule: bool = False
-    # 0 = no validation images
-    validation_steps: int = 0
-    # default: the first pair's instruction and reference
-    validation_prompt: str | list = ""
-    validation_reference: str | list = ""
-    validation_negative_prompt: str = ""
-    validation_guidance: float = 4.5
-    validation_num_inference_steps: int = 40
-    validation_resolution: str = "768x768"
-    validation_seed: int = 0
-    # > 0: also show the decoded image every N sampler steps in the grid
-    validation_preview_steps: int = 0
-    # auto | cpu | cuda | cuda:N | mps
-    device: str = "auto"
-    aspect_bucket_alignment: int = 64
-    datasets: list = field(default_factory=list)
-
-    def check(self) -> None:
-        """Every value within its range; a ValueError names the key and what it accepts."""
-        at_least = dict(lora_rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
-                        checkpointing_steps=1, checkpoints_total_limit=0, num_train_epochs=0, lr_warmup_steps=0,
-                        validation_steps=0, validation_num_inference_steps=1, validation_seed=0, seed=0,
-                        validation_preview_steps=0, offload_blocks=0)  # fmt: skip
-        for key, low in at_least.items():
-            if not low <= getattr(self, key) < 2**62:
-                raise ValueError(f"{key} = {getattr(self, key)}: must be at least {low}")
-        for key, (low, high, ends) in RANGES.items():
-            v = getattr(self, key)
-            above = v >= low if ends[0] == "[" else v > low
-            below = v <= high if ends[1] == "]" else v < high
-            if not (math.isfinite(v) and above and below):
-                raise ValueError(f"{key} = {v}: must be in {ends[0]}{low}, {high}{ends[1]}")
-        for key, choices in CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise ValueError(
-                    f"{key} = {getattr(self, key)!r}: choose one of {', '.join(c for c in choices if c)}"
-                )
-        for key, compute in (("base_model_precision", True), ("text_encoder_precision", False)):
-            try:
-                quant.normalize_mode(getattr(self, key), compute=compute)
-            except ValueError as e:
-                raise ValueError(f"{key}: {e}") from None
-        validate.parse_size(self.validation_resolution, "validation_resolution")
-        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
-            raise ValueError(f"lora_targets = {self.lora_targets!r}: a list of module-name suffixes")
-        if self.offload_blocks and not self.gradient_checkpointing:
-            raise ValueError(
-                "offload_blocks needs gradient_checkpointing = true (else every block stays resident)"
-            )
-        self.validation_prompt, self.validation_reference = (
-            as_list(self.validation_prompt),
-            as_list(self.validation_reference),
-        )
-        if self.validation_reference and len(self.validation_reference) != len(self.validation_prompt):
-            raise ValueError("validation_prompt and validation_reference need the same number of entries")
-
-
-CHOICES = {
-    "lr_scheduler": ("constant", "cosine", "linear"),
-    "mixed_precision": ("bf16", "no"),
-    "model_flavour": ("", "edit", "final", "dev"),
-    "attention_backend": tuple(M.ATTENTION_CHOICES),
-}
-# Float keys: (low, high, which ends are allowed: "[" / "]" included, "(" / ")" not).
-RANGES = {"learning_rate": (0, 1, "(]"), "lora_alpha": (0, 1e6, "(]"), "adam_epsilon": (0, 1, "(]"),
-          "lora_dropout": (0, 1, "[)"), "adam_beta1": (0, 1, "[)"), "adam_beta2": (0, 1, "[)"),
-          "caption_dropout_probability": (0, 1, "[]"), "adam_weight_decay": (0, 10, "[]"),
-          "max_grad_norm": (0, 1e6, "[]"), "flow_schedule_shift": (0, 100, "[]"),
-          "validation_guidance": (0, 100, "[]")}  # fmt: skip
 # What makes two runs the same run: resuming across a change of any of these would mix two trainings.
-RUN_KEYS = ("model_flavour", "lora_rank", "lora_alpha", "lora_targets", "train_batch_size",
-            "gradient_accumulation_steps", "seed", "aspect_bucket_alignment")  # fmt: skip
-TRAIN_KNOBS = ('base_model_precision = "int8", text_encoder_precision = "int8", a smaller dataset resolution, '
-               "a lower lora_rank, checkpoint_keep_attention = false, train_batch_size = 1 or offload_blocks = N")  # fmt: skip
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-
-
-def as_list(v) -> list[str]:
-    return [v] if isinstance(v, str) and v else ([] if isinstance(v, str) else list(v))
-
-
-def check_type(key: str, value, where: str):
-    """The value, checked against the field's type (an int is a fine float); raises naming the key."""
-    if key not in FIELDS:
-        close = difflib.get_close_matches(key, FIELDS, n=1)
-        raise ValueError(
-            f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-        )
-    want = typing.get_type_hints(Config)[key]
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
-        names = " or ".join(t.__name__ for t in typing.get_args(want)) or want.__name__
-        raise ValueError(f"{where}: {key} should be {names}, got {value!r}")
-    return value
-
-
-def parse_override(arg: str) -> tuple[str, object]:
-    """--key=value, the value read as TOML when it parses (numbers, true/false, lists), else as a string."""
-    if not arg.startswith("--") or "=" not in arg:
-        raise ValueError(f"command line: {arg!r} is not --key=value")
-    key, text = arg[2:].split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    if key in FIELDS and FIELDS[key].type == "str" and not isinstance(value, str):
-        value = text  # e.g. --output_dir=2024
-    return key, value
-
-
-def load_config(path: Path, overrides: list[str]) -> Config:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    values = {k: check_type(k, v, str(path)) for k, v in raw.items()}
-    for k, v in map(parse_override, overrides):
-        values[k] = check_type(k, v, "command line")
-    cfg = Config(**values)
-    cfg.check()
-    return cfg
+RUN_KEYS = (
+    "model_flavour lora_rank lora_alpha lora_targets train_batch_size gradient_accumulation_steps seed "
+    "aspect_bucket_alignment"
+).split()
+# What lowers memory, for the out-of-memory message.
+TRAIN_KNOBS = (
+    'base_model_precision = "int8", text_encoder_precision = "int8", a smaller dataset resolution, a lower '
+    "lora_rank, checkpoint_keep_attention = false, train_batch_size = 1 or offload_blocks = N"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The recipe
 
 
-def sample_sigmas(n: int, tokens: int, sched: dict, g: torch.Generator, cfg: Config) -> torch.Tensor:
-    """Training noise levels [n]: logit-normal (or uniform), then shifted as the sampler's schedule is."""
-    sigma = (
-        torch.rand(n, generator=g)
-        if cfg.flow_use_uniform_schedule
-        else torch.sigmoid(torch.randn(n, generator=g))
-    )
-    if cfg.flow_schedule_auto_shift:
+def sample_sigmas(
+    n: int, tokens: int, sched: dict, g, uniform=False, auto_shift=True, shift=0.0
+) -> torch.Tensor:
+    """Training noise levels [n]: logit-normal (or uniform), then shifted as the sampler's schedule is (the
+    scheduler's mu for this many tokens) or by a static shift."""
+    sigma = torch.rand(n, generator=g) if uniform else torch.sigmoid(torch.randn(n, generator=g))
+    if auto_shift:
         return M.time_shift(M.shift_mu(tokens, sched), sigma)
-    return M.static_shift(cfg.flow_schedule_shift, sigma) if cfg.flow_schedule_shift > 0 else sigma
+    return M.static_shift(shift, sigma) if shift > 0 else sigma
 
 
 def flow_loss(transformer, x0, reference, text, sigma, noise) -> torch.Tensor:
@@ -283,23 +104,25 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 
 def batch_loss(
-    transformer, batch: dict, rows: slice, step: int, cfg: Config, sched: dict, device
+    transformer, batch: dict, rows: slice, step: int, cfg: config.Config, sched: dict, device
 ) -> torch.Tensor:
     """The loss of some rows of a batch; each row draws its caption dropout, sigma and noise from its own
     generator, on the CPU, so any device and any split of the global batch gets the same numbers."""
     x0 = batch["target"][rows]  # (b, 16, h, w)
+    tokens = (x0.shape[2] // 2) * (x0.shape[3] // 2)
+    schedule = (cfg.flow_use_uniform_schedule, cfg.flow_schedule_auto_shift, cfg.flow_schedule_shift)
     drop, sigma, noise = torch.zeros(len(x0), dtype=torch.bool), torch.zeros(len(x0)), torch.empty(x0.shape)
     for i in range(len(x0)):
         g = sample_generator(cfg.seed, step, batch["first"] + rows.start + i)
         drop[i] = torch.rand(1, generator=g)[0] < cfg.caption_dropout_probability  # caption dropout
-        sigma[i] = sample_sigmas(1, (x0.shape[2] // 2) * (x0.shape[3] // 2), sched, g, cfg)[0]
+        sigma[i] = sample_sigmas(1, tokens, sched, g, *schedule)[0]
         noise[i] = torch.randn(x0.shape[1:], generator=g)
     text = torch.where(drop[:, None, None], batch["text_empty"][rows], batch["text"][rows])  # (b, L, D)
     ref = None if batch["reference"] is None else batch["reference"][rows].to(device)
     return flow_loss(transformer, x0.to(device), ref, text.to(device), sigma.to(device), noise.to(device))
 
 
-def lr_factor(step: int, cfg: Config) -> float:
+def lr_factor(step: int, cfg: config.Config) -> float:
     """Warmup, then constant / cosine / linear decay to 0 at max_train_steps."""
     if step < cfg.lr_warmup_steps:
         return (step + 1) / cfg.lr_warmup_steps
@@ -319,7 +142,7 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(out: Path, step: int, transformer, opt, loader, cfg: Config, run: dict) -> Path:
+def save_checkpoint(out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict) -> Path:
     """checkpoints/step-NNNNNN: the LoRA as trained and as shared, AdamW states, RNG, loader position, run
     identity, and last a manifest of every file's size and sha256. Also refreshes the shared LoRA file in
     output_dir and removes this run's oldest checkpoints beyond checkpoints_total_limit."""
@@ -361,11 +184,7 @@ def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
         return f"incomplete ({Path(e.filename).name} is missing)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
-    diff = [
-        k
-        for k in sorted(set(run or {}) | set(state.get("run", {})))
-        if run and state["run"].get(k) != run.get(k)
-    ]
+    diff = [k for k in sorted(run or {}) if state.get("run", {}).get(k) != run[k]]
     if diff:
         return f"from another run ({diff[0]}: {state['run'].get(diff[0])!r} there, {run.get(diff[0])!r} now)"
     return None
@@ -384,7 +203,7 @@ def move_aside(paths: list[Path], why: str) -> None:
         p.rename(p.with_name(f"{p.name}.{why}-{stamp}"))
 
 
-def choose_resume(out: Path, cfg: Config, run: dict) -> tuple[Path | None, list[str]]:
+def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None, list[str]]:
     """The checkpoint to continue from, and warnings: the one named (refused unless it verifies and is of
     this run), or with "latest" the newest that verifies (those skipped are named). Checkpoints after it,
     which this run would write again, are moved aside."""
@@ -445,7 +264,7 @@ class OutputLock:
         self.fh.close()  # closing releases the flock
 
 
-def start_over(out: Path, run: dict, cfg: Config) -> None:
+def start_over(out: Path, run: dict, cfg: config.Config) -> None:
     """Refuse to mix two trainings in one output_dir; with overwrite_output_dir the old run's files are
     moved aside. A longer run or new validation settings are the same run."""
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else run
@@ -453,19 +272,12 @@ def start_over(out: Path, run: dict, cfg: Config) -> None:
     if not diff:
         return
     if not cfg.overwrite_output_dir:
+        was, now = old.get(diff[0]), run.get(diff[0])
         raise ValueError(
-            f"output_dir {out} holds another run ({diff[0]}: {old.get(diff[0])!r} there, {run.get(diff[0])!r} "
-            "now): choose another output_dir, or set overwrite_output_dir = true to start over (the old run's "
-            "files are moved aside)"
+            f"output_dir {out} holds another run ({diff[0]}: {was!r} there, {now!r} now): choose another "
+            "output_dir, or set overwrite_output_dir = true to start over (the old run's files move aside)"
         )
-    names = (
-        "checkpoints",
-        "validation",
-        "loss.jsonl",
-        "loss.png",
-        "pytorch_lora_weights.safetensors",
-        "run.json",
-    )
+    names = "checkpoints validation loss.jsonl loss.png pytorch_lora_weights.safetensors run.json".split()
     move_aside([out / n for n in names if (out / n).exists()], "old")
 
 
@@ -501,51 +313,7 @@ class LossLog:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pictures: validation grids with their captions, the loss curve with its axes (Pillow only)
-
-
-def font(size: int = 14):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def wrap(draw, text: str, width: float, face) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and draw.textlength(f"{line} {word}", font=face) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines or [""]
-
-
-def validation_grid(rows: list[tuple[str, list[tuple[str, object]]]]):
-    """One row per validation prompt: its caption (prompt, step, seed, guidance) above, then labelled
-    images (reference | previews | result), each at the result's size."""
-    from PIL import Image, ImageDraw
-
-    face, small = font(15), font(12)
-    w, h = max((row[-1][1].size for _, row in rows), key=lambda s: s[0] * s[1])
-    cols = max(len(row) for _, row in rows)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    texts = [wrap(probe, caption, cols * w - 12, face) for caption, _ in rows]
-    heights = [20 * len(t) + 10 + 16 + h for t in texts]
-    grid = Image.new("RGB", (cols * w, sum(heights)), "white")
-    draw, y = ImageDraw.Draw(grid), 0
-    for (_, row), lines, height in zip(rows, texts, heights, strict=True):
-        for i, line in enumerate(lines):
-            draw.text((6, y + 5 + 20 * i), line, fill="black", font=face)
-        top = y + 20 * len(lines) + 10
-        for j, (label, image) in enumerate(row):
-            draw.text((j * w + 4, top), label, fill=(90, 90, 90), font=small)
-            grid.paste(image.resize((w, h)), (j * w, top + 16))
-        y += height
-    return grid
+# The loss curve, with its axes (Pillow only)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -581,7 +349,7 @@ def plot_losses(rows: list[dict], png: Path) -> None:
         return H - bottom - (v - v0) / ((v1 - v0) or 1) * (H - top - bottom)
 
     img = Image.new("RGB", (W, H), "white")
-    d, face = ImageDraw.Draw(img), font(12)
+    d, face = ImageDraw.Draw(img), validate.font(12)
     d.rectangle([left, top, W - right, H - bottom], outline=(120, 120, 120))
     for s in nice_ticks(steps[0], steps[-1], 8):
         d.line([(x(s), H - bottom), (x(s), H - bottom + 4)], fill="black")
@@ -604,7 +372,7 @@ def plot_losses(rows: list[dict], png: Path) -> None:
 # The run
 
 
-def run_identity(cfg: Config, ckpt: Path, world: int) -> dict:
+def run_identity(cfg: config.Config, ckpt: Path, world: int) -> dict:
     """What a checkpoint must share to be continued: the model, the LoRA's shape, the data and the batch
     (not where the caches live: entries are named by content)."""
     sets = [{k: v for k, v in d.items() if not k.startswith("cache_dir")} for d in cfg.datasets]
@@ -613,10 +381,10 @@ def run_identity(cfg: Config, ckpt: Path, world: int) -> dict:
 
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): torchrun sets WORLD_SIZE/RANK/LOCAL_RANK (NCCL across GPUs, gloo on CPU)."""
+    """(rank, world size, device); torchrun sets WORLD_SIZE, RANK, LOCAL_RANK (NCCL on GPUs, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1, validate.pick_device(device, "device =")
+        return 0, 1, config.pick_device(device, "device =")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -624,14 +392,20 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, torch.device("cpu")
 
 
-def read_data(cfg: Config, cfg_dir: Path) -> tuple[Path, list, list, list, list]:
+def finish_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, list, list, list]:
     """(checkpoint, datasets, samples, notes, validation set): every data problem surfaces here, first, then
-    those of the checkpoint (its folder and flavour; no model is loaded)."""
+    those of the checkpoint (its folder and flavour) and of the attention kernels; no model is loaded."""
     datasets = data.parse_datasets(cfg.datasets, cfg_dir, cfg.aspect_bucket_alignment)
     notes = []
     samples = data.scan(datasets, notes)
-    ckpt = validate.resolve_checkpoint(cfg.pretrained_model_name_or_path, cfg_dir)
-    flavour = validate.read_flavour(ckpt)
+    ckpt = config.resolve_checkpoint(cfg.pretrained_model_name_or_path, cfg_dir)
+    flavour = config.read_flavour(ckpt)
     if cfg.model_flavour and (cfg.model_flavour == "edit") != (flavour == "edit"):
         raise ValueError(f"model_flavour = {cfg.model_flavour!r}, but {ckpt} is a {flavour} checkpoint")
     cfg.model_flavour = cfg.model_flavour or ("edit" if flavour == "edit" else "final")
@@ -642,16 +416,19 @@ def read_data(cfg: Config, cfg_dir: Path) -> tuple[Path, list, list, list, list]
         raise data.DataError(
             [f"dataset(s) {', '.join(wrong)} do not fit the {flavour} checkpoint {ckpt}: {why}"]
         )
+    head_dim = M.read_json(ckpt / "transformer/config.json").get("attention_head_dim", 128)
+    dtype, key = train_dtype(cfg, device), "attention_backend ="
+    config.check_attention_backend(cfg.attention_backend, device, dtype, head_dim, True, key)
     return ckpt, datasets, samples, notes, validation_set(cfg, cfg_dir, samples, flavour)
 
 
-def validation_set(cfg: Config, cfg_dir: Path, samples: list, flavour: str) -> list[dict]:
+def validation_set(cfg: config.Config, cfg_dir: Path, samples: list, flavour: str) -> list[dict]:
     """The validation prompts with their references read (as training reads images) at validation size."""
     from PIL import Image
 
     if cfg.validation_steps == 0:
         return []
-    size = validate.parse_size(cfg.validation_resolution, "validation_resolution")
+    size = config.parse_size(cfg.validation_resolution, "validation_resolution")
     prompts, refs = cfg.validation_prompt, cfg.validation_reference
     if not prompts:  # the first pair of the (edit) dataset
         prompts, refs = [samples[0].captions[0]], [str(samples[0].reference)] if samples[0].reference else []
@@ -670,9 +447,8 @@ def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> vali
     """The caches (rank 0 writes, the others check) and the validation inputs, with each encoder loaded at
     most once: the VAE for every latent first, then the text encoder for every text, which is then freed;
     the VAE stays, on the CPU, for validation decoding."""
-    models = validate.Models(
-        ckpt, device, validate.default_dtype(device), te_quant=cfg.text_encoder_precision
-    )
+    weights = validate.Weights(te_quant=cfg.text_encoder_precision)
+    models = validate.Models(ckpt, device, config.default_dtype(device), weights)
     te, dtype = quant.normalize_mode(cfg.text_encoder_precision), str(models.dtype).removeprefix("torch.")
 
     def latent(x: torch.Tensor) -> torch.Tensor:
@@ -704,9 +480,15 @@ def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> vali
     return models
 
 
-def build_transformer(cfg: Config, ckpt: Path, device: torch.device):
+def train_dtype(cfg: config.Config, device: torch.device) -> torch.dtype:
+    """The base's and the activations' dtype: bfloat16 on a GPU with mixed_precision = "bf16" (no autocast:
+    fewer casts; LoRA weights and AdamW stay float32), else float32 (the CPU emulates bf16)."""
+    return torch.bfloat16 if device.type != "cpu" and cfg.mixed_precision == "bf16" else torch.float32
+
+
+def build_transformer(cfg: config.Config, ckpt: Path, device: torch.device):
     """The base (quantized while it loads) with a float32 LoRA on top; only the LoRA trains."""
-    dtype = torch.bfloat16 if device.type != "cpu" and cfg.mixed_precision == "bf16" else torch.float32
+    dtype = train_dtype(cfg, device)
     quant.check_device(quant.normalize_mode(cfg.base_model_precision), device)
     where = "cpu" if cfg.offload_blocks else device  # offloaded blocks stay in (pinned) CPU memory
     with validate.stage("loading the transformer", TRAIN_KNOBS):
@@ -728,10 +510,15 @@ def build_transformer(cfg: Config, ckpt: Path, device: torch.device):
     return transformer.train(), [p for p in transformer.parameters() if p.requires_grad]
 
 
-def build_optimizer(cfg: Config, transformer, params: list, states: dict) -> torch.optim.AdamW:
+def build_optimizer(cfg: config.Config, transformer, params: list, states: dict) -> torch.optim.AdamW:
     """AdamW on the LoRA, built after any checkpoint's LoRA is in place, with its states if resuming."""
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)  # fmt: skip
+    opt = torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
     for name, p in transformer.named_parameters():
         if p.requires_grad and f"{name}.exp_avg" in states:
             # AdamW keeps `step` on the CPU unless capturable
@@ -743,7 +530,7 @@ def build_optimizer(cfg: Config, transformer, params: list, states: dict) -> tor
 
 
 def train_step(
-    transformer, batch: dict, step: int, cfg: Config, sched: dict, params: list, device
+    transformer, batch: dict, step: int, cfg: config.Config, sched: dict, params: list, device
 ) -> tuple[float, float]:
     """Forward and backward over the batch's micro-batches, gradients averaged over ranks and clipped;
     returns (loss, gradient norm before clipping). Nothing is applied yet."""
@@ -765,15 +552,20 @@ def train_step(
 
 
 def run_validation(
-    transformer, models: validate.Models, val: list, cfg: Config, step: int, out: Path
+    transformer, models: validate.Models, val: list, cfg: config.Config, step: int, out: Path
 ) -> None:
-    """validation/step-NNNNNN.png: each prompt sampled with validation_seed (the training RNG is untouched)."""
+    """validation/step-NNNNNN.png: each prompt sampled from validation_seed (the training RNG untouched)."""
     vae, rows = models.vae(), []
     transformer.eval()
     for v in val:
-        s = validate.Settings(v["size"], cfg.validation_seed, cfg.validation_num_inference_steps,
-                              cfg.validation_guidance, cfg.validation_negative_prompt,
-                              preview_every=cfg.validation_preview_steps)  # fmt: skip
+        s = validate.Settings(
+            v["size"],
+            cfg.validation_seed,
+            cfg.validation_num_inference_steps,
+            cfg.validation_guidance,
+            cfg.validation_negative_prompt,
+            preview_every=cfg.validation_preview_steps,
+        )
         ref = v["ref_latent"].to(models.device) if v["ref_latent"] is not None else None
         with validate.stage(f"validation at step {step}", TRAIN_KNOBS):
             image, previews = validate.generate(
@@ -784,7 +576,7 @@ def run_validation(
         rows.append((f"{v['prompt']}  |  training step {step}, seed {s.seed}, guidance {s.guidance}", images))
     transformer.train()
     models.park()
-    grid, path = validation_grid(rows), out / "validation" / f"step-{step:06d}.png"
+    grid, path = validate.validation_grid(rows), out / "validation" / f"step-{step:06d}.png"
     data.write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"), "the validation grid ")
 
 
@@ -806,94 +598,80 @@ def stop_non_finite(out: Path, step: int, loss: float, norm: float, run: dict) -
     )
 
 
-def train(cfg: Config, cfg_dir: Path, prepare_only: bool = False) -> torch.nn.Module | None:
-    """The whole run; returns the transformer with its trained LoRA (on every rank)."""
-    rank, world, device = setup_distributed(cfg.device)
-    ckpt, datasets, samples, notes, val = read_data(cfg, cfg_dir)
-    validate.check_attention_backend(cfg.attention_backend, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
-                                     M.read_json(ckpt / "transformer/config.json").get("attention_head_dim", 128),
-                                     grad=True, key="attention_backend =")  # fmt: skip
-    if prepare_only:
-        return prepare_data(cfg, ckpt, datasets, samples, notes, [], rank, device) and None
-    out = (cfg_dir / Path(cfg.output_dir).expanduser()).resolve()
-    run = run_identity(cfg, ckpt, world)
-    with OutputLock(out) if rank == 0 else nullcontext():
-        if rank == 0:
-            start_over(out, run, cfg)
-        resume, warnings = choose_resume(out, cfg, run) if rank == 0 else (None, [])
-        if dist.is_initialized():
-            dist.barrier()
-            resume = [resume]
-            dist.broadcast_object_list(resume)
-            resume = resume[0]
-        return run_training(
-            cfg, ckpt, out, run, resume, warnings, datasets, samples, notes, val, rank, world, device
-        )
-
-
-def run_training(cfg, ckpt, out, run, resume, warnings, datasets, samples, notes, val, rank, world, device):
-    main = rank == 0
-    models = prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
-    transformer, params = build_transformer(cfg, ckpt, device)
-    loader = data.Loader(
-        samples, cfg.train_batch_size * cfg.gradient_accumulation_steps, cfg.seed, rank, world
-    )
-    step, states = load_checkpoint(resume, transformer, loader) if resume is not None else (0, {})
-    opt = build_optimizer(cfg, transformer, params, states)
-    sched, max_steps = models.sched, cfg.max_train_steps
-    if cfg.num_train_epochs > 0:
-        max_steps = min(max_steps, cfg.num_train_epochs * len(loader))
-    log = None
-    if main:
+def claim_output_dir(out: Path, run: dict, cfg: config.Config, rank: int) -> Path | None:
+    """On rank 0 (holding the lock): refuse or move aside another run, choose the checkpoint to resume
+    from (the others' ranks get the same one)."""
+    resume, warnings = None, []
+    if rank == 0:
+        start_over(out, run, cfg)
+        resume, warnings = choose_resume(out, cfg, run)
         for w in warnings:
             print(f"warning: {w}")
-        if resume is not None:
-            print(f"resumed from {resume} at step {step}")
-        data.write_atomic(out / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2)), "")
-        config = json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
-        data.write_atomic(out / "config.json", lambda tmp: tmp.write_text(config), "")
-        log = LossLog(out / "loss.jsonl", step)
-        print(f"{sum(p.numel() for p in params):,} LoRA parameters; {len(samples)} samples, {len(loader)} "
-              f"steps per epoch; training steps {step} -> {max_steps} on {device} x {world}")  # fmt: skip
-        if val and step == 0:
-            run_validation(transformer, models, val, cfg, 0, out)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
-    last = resume
-    for batch in loader:
-        if step >= max_steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        where = (
-            f"training step {step + 1} ({'x'.join(map(str, batch['bucket']))}, batch {cfg.train_batch_size})"
-        )
-        with validate.stage(where, f"{TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"):
-            loss, norm = train_step(transformer, batch, step, cfg, sched, params, device)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise (
-                stop_non_finite(out, step, loss, norm, run) if main else FloatingPointError("non-finite loss")
-            )
-        lr = cfg.learning_rate * lr_factor(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        step += 1
-        if main:
-            log.add({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            bar.update()
-            if step % cfg.checkpointing_steps == 0 or step == max_steps:
-                last = save_checkpoint(out, step, transformer, opt, loader, cfg, run)
-                plot_losses(log.rows(), out / "loss.png")
-            if val and (step % cfg.validation_steps == 0 or step == max_steps):
-                run_validation(transformer, models, val, cfg, step, out)
-    bar.close()
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
-    if main:
+        chosen = [resume]
+        dist.broadcast_object_list(chosen)
+        resume = chosen[0]
+    return resume
+
+
+def begin_log(out: Path, run: dict, cfg: config.Config, step: int, resume: Path | None, note: str) -> LossLog:
+    """run.json, config.json and the loss log (cut back to `step`), by rank 0, which says what runs."""
+    print(f"resumed from {resume} at step {step}; {note}" if resume else note)
+    data.write_atomic(out / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2)), "")
+    resolved = json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
+    data.write_atomic(out / "config.json", lambda tmp: tmp.write_text(resolved), "")
+    return LossLog(out / "loss.jsonl", step)
+
+
+def train(cfg: config.Config, cfg_dir: Path, prepare_only: bool = False) -> torch.nn.Module | None:
+    """The whole run; returns the transformer with its trained LoRA (on every rank)."""
+    rank, world, device = setup_distributed(cfg.device)
+    ckpt, datasets, samples, notes, val = read_data(cfg, cfg_dir, device)
+    if prepare_only:  # python data.py config.toml
+        return prepare_data(cfg, ckpt, datasets, samples, notes, [], rank, device) and None
+    out, run = (cfg_dir / Path(cfg.output_dir).expanduser()).resolve(), run_identity(cfg, ckpt, world)
+    with OutputLock(out) if rank == 0 else nullcontext():
+        resume = claim_output_dir(out, run, cfg, rank)
+        models = prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
+        transformer, params = build_transformer(cfg, ckpt, device)
+        per_gpu = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        loader = data.Loader(samples, per_gpu, cfg.seed, rank, world)
+        step, states = load_checkpoint(resume, transformer, loader) if resume is not None else (0, {})
+        opt = build_optimizer(cfg, transformer, params, states)
+        max_steps = min(cfg.max_train_steps, cfg.num_train_epochs * len(loader) or cfg.max_train_steps)
+        note = f"{sum(p.numel() for p in params):,} LoRA parameters on {device} x {world}"
+        log = begin_log(out, run, cfg, step, resume, note) if rank == 0 else None
+        if rank == 0 and val and step == 0:
+            run_validation(transformer, models, val, cfg, 0, out)
+        bar = tqdm(total=max_steps, initial=step, desc="training", disable=rank != 0, file=sys.stdout)
+        last = resume
+        for batch in loader:
+            if step >= max_steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            where = f"training step {step + 1} ({'x'.join(map(str, batch['bucket']))}, {per_gpu} per GPU)"
+            with validate.stage(where, f"{TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"):
+                loss, norm = train_step(transformer, batch, step, cfg, models.sched, params, device)
+            if not (math.isfinite(loss) and math.isfinite(norm)):  # checked before the update: never applied
+                raise stop_non_finite(out, step, loss, norm, run) if rank == 0 else FloatingPointError(loss)
+            lr = cfg.learning_rate * lr_factor(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            step += 1
+            if rank == 0:
+                log.add({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                bar.update()
+                if step % cfg.checkpointing_steps == 0 or step == max_steps:
+                    last = save_checkpoint(out, step, transformer, opt, loader, cfg, run)
+                    plot_losses(log.rows(), out / "loss.png")
+                if val and (step % cfg.validation_steps == 0 or step == max_steps):
+                    run_validation(transformer, models, val, cfg, step, out)
+        bar.close()
+    finish_distributed()
+    if rank == 0:
         print(
             f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {step}); loss curve {out / 'loss.png'}"
         )
@@ -905,11 +683,13 @@ def main(argv: list[str] | None = None, prepare_only: bool = False) -> None:
     if not argv or argv[0].startswith("-"):
         sys.exit("usage: python train.py config.toml [--key=value ...]   (keys: see config.toml and README)")
     try:
-        train(load_config(Path(argv[0]), argv[1:]), Path(argv[0]).resolve().parent, prepare_only)
+        train(config.load_config(Path(argv[0]), argv[1:]), Path(argv[0]).resolve().parent, prepare_only)
     # DataError, CheckpointError and OutOfMemory are ValueErrors: a message per line, no traceback
     except (ValueError, FloatingPointError, OSError) as e:
+        validate.end_progress()
         sys.exit("\n".join(f"error: {line}" for line in str(e).splitlines()))
     except KeyboardInterrupt:
+        validate.end_progress()
         sys.exit("interrupted: run the same command again to resume from the last checkpoint")
 
 

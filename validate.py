@@ -21,74 +21,20 @@ import os
 import re
 import sys
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.nn.attention import sdpa_kernel
 
+import config
 import data
 import model as M
 
-DEFAULT_MODEL = "meituan-longcat/LongCat-Image-Edit"
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
 KNOBS = "--quant int8, --text-encoder-quant int8, --offload-blocks N or a smaller --resolution"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The checkpoint folder
-
-PIPELINES = {"LongCatImageEditPipeline": "edit", "LongCatImagePipeline": "t2i"}
-NEEDED = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
-          "text_encoder/config.json", "tokenizer"]  # fmt: skip
-
-
-def resolve_checkpoint(name: str | Path, base: Path | None = None) -> Path:
-    """A checkpoint folder: `tiny` / `tiny-t2i` (the random demo, tiny.py), a folder (relative to `base`
-    first, e.g. the config's folder), or a hub id downloaded or found in the Hugging Face cache (HF_HOME,
-    HF_HUB_OFFLINE=1 are honoured by huggingface_hub)."""
-    if str(name) in ("tiny", "tiny-edit", "tiny-t2i"):
-        import tiny
-
-        return tiny.checkpoint("t2i" if str(name) == "tiny-t2i" else "edit")
-    path = Path(name).expanduser()
-    if base is not None and (base / path).exists():
-        path = base / path
-    if not path.exists():
-        if str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
-            raise M.CheckpointError(f"{name}: no such folder (and not a hub id like {DEFAULT_MODEL})")
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(str(name)))
-        # network, auth, offline without a cached copy: all end the same way for a user
-        except Exception as e:
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            raise M.CheckpointError(
-                f"{name}: not downloadable nor in the Hugging Face cache ({type(e).__name__}: {first}); "
-                "pass a local folder, or set HF_HOME to where it was downloaded"
-            ) from None
-    for need in NEEDED:
-        if not (path / need).exists():
-            raise M.CheckpointError(f"{path} is not a LongCat-Image checkpoint: {need} is missing")
-    return path
-
-
-def read_flavour(path: Path) -> str:
-    """'edit' or 't2i', from model_index.json's pipeline class."""
-    name = M.read_json(Path(path) / "model_index.json").get("_class_name")
-    if name not in PIPELINES:
-        raise M.CheckpointError(
-            f"{path}/model_index.json: _class_name {name!r} is not one of {sorted(PIPELINES)}"
-        )
-    return PIPELINES[name]
-
-
-def read_scheduler(path: Path) -> dict:
-    return M.read_json(Path(path) / "scheduler/scheduler_config.json")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,8 +111,10 @@ class TextEncoder:
             n_vl = int(vl["image_grid_thw"].prod()) // self.image_processor.merge_size**2
             prefix = self.ids(EDIT_PREFIX.replace("<|image_pad|>", "<|image_pad|>" * n_vl))
             start = prefix.index(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-            extra = {"pixel_values": vl["pixel_values"].to(param.device, param.dtype),
-                     "image_grid_thw": vl["image_grid_thw"].to(param.device)}  # fmt: skip
+            extra = {
+                "pixel_values": vl["pixel_values"].to(param.device, param.dtype),
+                "image_grid_thw": vl["image_grid_thw"].to(param.device),
+            }
         suffix = self.ids(SUFFIX)
         input_ids = torch.tensor([prefix + prompt_ids + suffix], device=param.device)
         mask = torch.tensor([[1] * len(prefix) + prompt_mask + [1] * len(suffix)], device=param.device)
@@ -249,7 +197,9 @@ def sample(
         if ref is not None:
             img = torch.cat([img, M.image_ids(h // 2, w // 2, c.shape[1], 2, dev)])  # (2N, 3)
         ids.append((img, M.text_ids(c.shape[1], dev)))
-    for i in tqdm(range(len(sigmas) - 1), desc="sampling", disable=not progress, leave=False):
+    for i in tqdm(
+        range(len(sigmas) - 1), desc="sampling", disable=not progress, leave=False, file=sys.stdout
+    ):
         # diffusers hands the model (sigma * 1000 in the model dtype) / 1000: match it for bit parity.
         t = ((sigmas[i] * 1000).to(dtype) / 1000).expand(1).to(dev)
         inp = x if ref_tokens is None else torch.cat([x, ref_tokens], dim=1)  # (1, N [+ N], 64)
@@ -367,24 +317,31 @@ def quantizer(mode: str, targets: str = "DEFAULT_TARGETS"):
     )
 
 
+@dataclass
+class Weights:
+    """How the models are read: validate.py's --quant, --text-encoder-quant, --lora, --lora-scale,
+    --offload-blocks and --compile (train.py sets only the text encoder's precision)."""
+
+    quant: str = "none"
+    te_quant: str = "none"
+    loras: tuple = ()
+    lora_scale: float = 1.0
+    offload_blocks: int = 0
+    compile: bool = False
+
+
 class Models:
     """A checkpoint's text encoder, VAE and transformer, each read from disk at its first use and then kept
     (`loads` counts the reads). Asking for the text encoder moves the other two to the CPU; asking for
     either of them moves the text encoder there, or frees it with keep=False (the one-shot CLI): the text
     encoder never shares the GPU. `resident=True` leaves everything on the device."""
 
-    def __init__(self, ckpt: Path, device, dtype, *, quant="none", te_quant="none", loras=(), lora_scale=1.0,
-                 offload_blocks=0, compile=False, keep=True, resident=False):  # fmt: skip
-        self.ckpt, self.device, self.dtype, self.keep, self.resident = (
-            ckpt,
-            torch.device(device),
-            dtype,
-            keep,
-            resident,
-        )
-        self.quant, self.te_quant, self.loras, self.lora_scale = quant, te_quant, list(loras), lora_scale
-        self.offload_blocks, self.compile = offload_blocks, compile
-        self.flavour, self.sched = read_flavour(ckpt), read_scheduler(ckpt)
+    def __init__(
+        self, ckpt: Path, device, dtype, weights: Weights, keep: bool = True, resident: bool = False
+    ):
+        self.ckpt, self.device, self.dtype, self.weights = ckpt, torch.device(device), dtype, weights
+        self.keep, self.resident = keep, resident
+        self.flavour, self.sched = config.read_flavour(ckpt), config.read_scheduler(ckpt)
         self.built: dict[str, object] = {}
         self.loads: Counter = Counter()
 
@@ -429,7 +386,7 @@ class Models:
             free_memory()
 
     def _load_text_encoder(self) -> TextEncoder:
-        convert = quantizer(self.te_quant, "TEXT_ENCODER_TARGETS")
+        convert = quantizer(self.weights.te_quant, "TEXT_ENCODER_TARGETS")
         return load_text_encoder(self.ckpt, self.dtype, self.device, convert=convert)
 
     def _load_vae(self) -> M.VAE:
@@ -439,16 +396,17 @@ class Models:
         import lora
         import quant
 
-        where = "cpu" if self.offload_blocks else self.device  # offloaded blocks stay in (pinned) CPU memory
-        transformer = M.load_transformer(self.ckpt, self.dtype, where, convert=quantizer(self.quant))
-        for f in self.loras:  # each file is merged in, so several LoRAs (of any ranks) stack
-            lora.load_lora(transformer, f, scale=self.lora_scale)
-            if len(self.loras) > 1:
+        w = self.weights
+        where = "cpu" if w.offload_blocks else self.device  # offloaded blocks stay in (pinned) CPU memory
+        transformer = M.load_transformer(self.ckpt, self.dtype, where, convert=quantizer(w.quant))
+        for f in w.loras:  # each file is merged in, so several LoRAs (of any ranks) stack
+            lora.load_lora(transformer, f, scale=w.lora_scale)
+            if len(w.loras) > 1:
                 lora.merge_and_unload(transformer)
-        if self.offload_blocks:
+        if w.offload_blocks:
             blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-            transformer.offload = quant.offload_blocks(blocks, self.offload_blocks, self.device)
-        if self.compile:
+            transformer.offload = quant.offload_blocks(blocks, w.offload_blocks, self.device)
+        if w.compile:
             transformer.compile_blocks()
         return transformer
 
@@ -475,6 +433,54 @@ def render(models: Models, prompt: str, ref, s: Settings, on_step=None, progress
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Validation grids: the rows people look at, with their captions (Pillow only)
+
+
+def font(size: int = 14):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def wrap(draw, text: str, width: float, face) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and draw.textlength(f"{line} {word}", font=face) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines or [""]
+
+
+def validation_grid(rows: list[tuple[str, list[tuple[str, object]]]]):
+    """One row per validation prompt: its caption (prompt, step, seed, guidance) above, then labelled
+    images (reference | previews | result), each at the result's size."""
+    from PIL import Image, ImageDraw
+
+    face, small = font(15), font(12)
+    w, h = max((row[-1][1].size for _, row in rows), key=lambda s: s[0] * s[1])
+    cols = max(len(row) for _, row in rows)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [wrap(probe, caption, cols * w - 12, face) for caption, _ in rows]
+    heights = [20 * len(t) + 10 + 16 + h for t in texts]
+    grid = Image.new("RGB", (cols * w, sum(heights)), "white")
+    draw, y = ImageDraw.Draw(grid), 0
+    for (_, row), lines, height in zip(rows, texts, heights, strict=True):
+        for i, line in enumerate(lines):
+            draw.text((6, y + 5 + 20 * i), line, fill="black", font=face)
+        top = y + 20 * len(lines) + 10
+        for j, (label, image) in enumerate(row):
+            draw.text((j * w + 4, top), label, fill=(90, 90, 90), font=small)
+            grid.paste(image.resize((w, h)), (j * w, top + 16))
+        y += height
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The command line: every input checked before the first model loads
 
 
@@ -482,7 +488,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, hub id, or tiny / tiny-t2i")
+    p.add_argument(
+        "--model", default=config.DEFAULT_MODEL, help="checkpoint folder, hub id, or tiny / tiny-t2i"
+    )
     p.add_argument("--ref", help="the image to edit (edit checkpoints); leave out for text-to-image")
     p.add_argument("--prompt", help="the instruction (edit) or the description (t2i)")
     p.add_argument("--negative-prompt", default="")
@@ -511,67 +519,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="--serve: the port")
     p.add_argument("--resident", action="store_true", help="--serve: keep every model on the GPU")
     return p.parse_args(argv)
-
-
-def pick_device(name: str | None, key: str = "--device") -> torch.device:
-    """The device to run on: the one named (checked to exist), else cuda, then mps, then cpu."""
-    if not name or name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{key} {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        seen = f"{torch.cuda.device_count()} CUDA device(s)" if torch.version.cuda else "a CPU-only torch"
-        raise ValueError(f"{key} {name!r}: not available here ({seen}); use cpu or install a CUDA torch")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{key} {name!r}: MPS is not available here; use cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{key} {name!r}: unsupported; use cpu, cuda, cuda:N or mps")
-    return device
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The models' dtype unless told otherwise: bfloat16 on a GPU, float32 on the CPU (it emulates bf16)."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
-def parse_size(text: str, key: str = "--resolution") -> tuple[int, int]:
-    """'WxH' -> (W, H), both positive multiples of 16."""
-    try:
-        w, h = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"{key} {text!r}: expected WxH, e.g. 1024x768") from None
-    if w % 16 or h % 16 or not (16 <= w <= 8192 and 16 <= h <= 8192):
-        near = f"{min(max(w // 16 * 16, 16), 8192)}x{min(max(h // 16 * 16, 16), 8192)}"
-        raise ValueError(f"{key} {text}: width and height must be multiples of 16 in 16..8192 (e.g. {near})")
-    return w, h
-
-
-def check_attention_backend(
-    name: str, device, dtype: torch.dtype, head_dim: int, grad: bool, key: str
-) -> None:
-    """Try the chosen attention kernels on a tiny input, then use them: a kernel this device lacks is named
-    now, with the choices, and nothing is changed."""
-    try:
-        backends = M.attention_backends(name)[grad]
-    except ValueError as e:
-        raise ValueError(f"{key} {e}") from None
-    q = torch.randn(1, 8, 2, head_dim, device=device, dtype=dtype, requires_grad=grad)
-    try:
-        with torch.set_grad_enabled(grad), sdpa_kernel(backends) if backends else nullcontext():
-            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-            if grad:
-                out.sum().backward()
-    except RuntimeError as e:
-        where = f"{device.type} with {str(dtype).removeprefix('torch.')}"
-        raise ValueError(
-            f"{key} {name!r}: not available on {where} ({str(e).splitlines()[0][:100]}); "
-            f"choose one of {', '.join(M.ATTENTION_CHOICES)}"
-        ) from None
-    M.set_attention_backend(name)
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -663,15 +610,15 @@ def prepare(args: argparse.Namespace) -> dict:
     import quant
 
     check_numbers(args)
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    device = config.pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else config.default_dtype(device)
     for flag, mode in (("--quant", args.quant), ("--text-encoder-quant", args.text_encoder_quant)):
         try:
             quant.normalize_mode(mode, compute=flag == "--quant")
         except ValueError as e:
             raise ValueError(f"{flag}: {e}") from None
-    ckpt = resolve_checkpoint(args.model)
-    flavour = read_flavour(ckpt)
+    ckpt = config.resolve_checkpoint(args.model)
+    flavour = config.read_flavour(ckpt)
     if not args.serve and not args.prompt:
         raise ValueError("--prompt is required (or --serve for the web page)")
     if not args.serve and flavour == "edit" and not args.ref:
@@ -679,10 +626,10 @@ def prepare(args: argparse.Namespace) -> dict:
     if flavour == "t2i" and args.ref:
         raise ValueError(f"{args.model} is a text-to-image checkpoint: --ref needs LongCat-Image-Edit")
     head_dim = M.read_json(ckpt / "transformer/config.json").get("attention_head_dim", 128)
-    check_attention_backend(args.attention, device, dtype, head_dim, grad=False, key="--attention")
+    config.check_attention_backend(args.attention, device, dtype, head_dim, grad=False, key="--attention")
     check_loras(args.lora, ckpt)
     ref = data.load_rgb(Path(args.ref), key="--ref") if args.ref else None
-    size = parse_size(args.resolution) if args.resolution else None
+    size = config.parse_size(args.resolution) if args.resolution else None
     out = None if args.serve else output_path(args.out, "edit" if ref else "t2i", args.overwrite)
     if out is not None and args.preview_every:
         for step in range(args.preview_every, args.steps, args.preview_every):
@@ -692,19 +639,17 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> Path | None:
     plan = prepare(args)
-    models = Models(plan["ckpt"], plan["device"], plan["dtype"], keep=args.serve, resident=args.resident)
-    models.quant, models.te_quant, models.offload_blocks = (
-        args.quant,
-        args.text_encoder_quant,
-        args.offload_blocks,
+    weights = Weights(
+        args.quant, args.text_encoder_quant, tuple(args.lora), args.lora_scale, args.offload_blocks
     )
-    models.loras, models.lora_scale, models.compile = args.lora, args.lora_scale, args.compile
-    settings = Settings(plan["size"], args.seed, args.steps, args.guidance, args.negative_prompt)
-    settings.cfg_renorm, settings.cfg_renorm_min, settings.preview_every = (
-        args.cfg_renorm,
-        args.cfg_renorm_min,
-        args.preview_every,
+    weights.compile = args.compile
+    models = Models(
+        plan["ckpt"], plan["device"], plan["dtype"], weights, keep=args.serve, resident=args.resident
     )
+    settings = Settings(
+        plan["size"], args.seed, args.steps, args.guidance, args.negative_prompt, args.cfg_renorm
+    )
+    settings.cfg_renorm_min, settings.preview_every = args.cfg_renorm_min, args.preview_every
     if args.serve:
         import serve
 
@@ -719,14 +664,24 @@ def run(args: argparse.Namespace) -> Path | None:
     return out
 
 
+def end_progress() -> None:
+    """Close the progress bars an error interrupted, so the error line starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         run(args)
     # CheckpointError, DataError, OutOfMemory are ValueErrors: a message, not a traceback
     except (ValueError, OSError) as e:
+        end_progress()
         sys.exit("error: " + " ".join(str(e).split()))
     except KeyboardInterrupt:
+        end_progress()
         sys.exit("interrupted")
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import config  # noqa: E402
 import tiny  # noqa: E402
-import validate  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def diffusers_pipeline(path: Path, dtype=None):
 
     dtype = dtype or torch.float32
     proc = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    cls = LongCatImageEditPipeline if validate.read_flavour(path) == "edit" else LongCatImagePipeline
+    cls = LongCatImageEditPipeline if config.read_flavour(path) == "edit" else LongCatImagePipeline
     return cls(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),

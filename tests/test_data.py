@@ -61,11 +61,23 @@ def edit_config(tmp: Path, targets: dict, refs: dict | None = None, **extra) -> 
         (tmp / "edit" / name).with_suffix(".txt").write_text(f"make {Path(name).stem} blue\nrecolour it")
     for i, (name, size) in enumerate((refs if refs is not None else targets).items()):
         save_image(tmp / "ref" / name, size, seed=100 + i)
-    edits = {"id": "edits", "type": "local", "instance_data_dir": str(tmp / "edit"), "resolution": RES,
-             "caption_strategy": "textfile", "cache_dir_vae": str(tmp / "cache/vae/edit"),
-             "conditioning_data": ["refs"], **extra}  # fmt: skip
-    refs = {"id": "refs", "type": "local", "instance_data_dir": str(tmp / "ref"), "resolution": RES,
-            "cache_dir_vae": str(tmp / "cache/vae/ref")}  # fmt: skip
+    edits = {
+        "id": "edits",
+        "type": "local",
+        "instance_data_dir": str(tmp / "edit"),
+        "resolution": RES,
+        "caption_strategy": "textfile",
+        "cache_dir_vae": str(tmp / "cache/vae/edit"),
+        "conditioning_data": ["refs"],
+        **extra,
+    }
+    refs = {
+        "id": "refs",
+        "type": "local",
+        "instance_data_dir": str(tmp / "ref"),
+        "resolution": RES,
+        "cache_dir_vae": str(tmp / "cache/vae/ref"),
+    }
     return [edits, refs]
 
 
@@ -186,7 +198,10 @@ def test_truncated_files_fail_even_if_another_library_allowed_them(tmp_path, mon
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims a size and holds no pixels: opening it reads the header only."""
-    chunk = lambda body: struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+
+    def chunk(body):
+        return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+
     ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(b"IDAT") + chunk(b"IEND")
 
@@ -203,8 +218,11 @@ def test_oversized_images_are_refused_before_decoding(tmp_path, size):
 
 
 def test_all_orphans_are_listed_in_one_message(tmp_path):
-    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64), "c.png": (64, 64), "d.png": (64, 64)},
-                      {"b.jpg": (64, 64)})  # fmt: skip
+    cfg = edit_config(
+        tmp_path,
+        {"a.png": (64, 64), "b.png": (64, 64), "c.png": (64, 64), "d.png": (64, 64)},
+        {"b.jpg": (64, 64)},
+    )
     with pytest.raises(data.DataError) as e:
         data.scan(parse(cfg, tmp_path))
     (line,) = e.value.problems
@@ -315,8 +333,16 @@ def test_changed_bucket_or_model_is_a_miss(tmp_path):
 def test_t2i_text_is_keyed_by_instruction_only(tmp_path):
     save_image(tmp_path / "imgs/a.png", (64, 64))
     save_image(tmp_path / "imgs/b.png", (120, 60), seed=1)
-    cfg = [{"id": "t2i", "instance_data_dir": "imgs", "caption_strategy": "instanceprompt",
-            "instance_prompt": "a photo of sks", "resolution": RES, "cache_dir_vae": "cache"}]  # fmt: skip
+    cfg = [
+        {
+            "id": "t2i",
+            "instance_data_dir": "imgs",
+            "caption_strategy": "instanceprompt",
+            "instance_prompt": "a photo of sks",
+            "resolution": RES,
+            "cache_dir_vae": "cache",
+        }
+    ]
     report, enc = build(cfg, tmp_path)
     assert enc.text_calls == 2 and enc.latent_calls == 2  # "a photo of sks" and "", shared by both images
     assert report.samples[0].entries["texts"] == report.samples[1].entries["texts"]

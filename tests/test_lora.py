@@ -230,9 +230,16 @@ def tiny_longcat():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     model = diffusers.LongCatImageTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6],
-    )  # fmt: skip
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 6, 6],
+    )
     return model.eval()
 
 

@@ -12,6 +12,7 @@ import torch
 from conftest import assert_one_line_error, validate_cli
 from torch.nn.attention import SDPBackend
 
+import config
 import lora
 import model as M
 import validate
@@ -182,7 +183,7 @@ def test_schedule_matches_diffusers_scheduler(tiny_edit, steps, seq_len):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_shift
 
-    sched = validate.read_scheduler(tiny_edit)
+    sched = config.read_scheduler(tiny_edit)
     s = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_edit, subfolder="scheduler")
     mu = calculate_shift(seq_len, 256, 4096, sched["base_shift"], sched["max_shift"])
     s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
@@ -201,9 +202,9 @@ def test_loader_names_the_missing_file(tiny_edit, tmp_path):
     broken = shutil.copytree(tiny_edit, tmp_path / "ckpt")
     (broken / "vae/config.json").unlink()
     with pytest.raises(M.CheckpointError, match="vae/config.json is missing"):
-        validate.resolve_checkpoint(broken)
+        config.resolve_checkpoint(broken)
     with pytest.raises(M.CheckpointError, match="no such folder"):
-        validate.resolve_checkpoint(tmp_path / "nowhere")
+        config.resolve_checkpoint(tmp_path / "nowhere")
 
 
 def test_loader_names_the_first_mismatching_tensor(tiny_edit, tmp_path):

@@ -1,7 +1,7 @@
-"""train.py as a specification: a run end to end, exact resume (after a clean stop or a kill -9), data parallel
-equal to one process on the same global batch, validation that never perturbs training, a learning test, the
-LoRA it writes applied by diffusers as validate.py applies it, and every fault made to happen: corrupt and
-foreign checkpoints, two runs on one folder, a full disk, an exploding learning rate, out of memory, bad
+"""train.py as a specification: a run end to end, exact resume (after a clean stop or a kill -9), data
+parallel equal to one process on the same global batch, validation that never perturbs training, a learning
+test, the LoRA it writes applied by diffusers as validate.py applies it, and every fault made to happen:
+corrupt and foreign checkpoints, two runs on one folder, a full disk, a non-finite step, out of memory, bad
 config values. Tiny random checkpoint, CPU."""
 
 import json
@@ -22,6 +22,7 @@ from conftest import ROOT, assert_one_line_error, diffusers_pipeline, psnr, trai
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import config
 import data
 import lora
 import model as M
@@ -33,15 +34,27 @@ EXAMPLES = ROOT / "examples"
 
 def write_config(folder: Path, ckpt, pairs=EXAMPLES, **keys) -> str:
     """A training config in `folder` on the example pairs (or a copy of some), caches inside `folder`."""
-    base = dict(pretrained_model_name_or_path=str(ckpt), base_model_precision="no_change", lora_rank=4,
-                lora_alpha=8, learning_rate=1e-3, max_train_steps=6, checkpointing_steps=3, validation_steps=0,
-                output_dir=str(folder / "out"), seed=3, aspect_bucket_alignment=32, mixed_precision="no")  # fmt: skip
+    base = dict(
+        pretrained_model_name_or_path=str(ckpt),
+        base_model_precision="no_change",
+        lora_rank=4,
+        lora_alpha=8,
+        learning_rate=1e-3,
+        max_train_steps=6,
+        checkpointing_steps=3,
+        validation_steps=0,
+        output_dir=str(folder / "out"),
+        seed=3,
+        aspect_bucket_alignment=32,
+        mixed_precision="no",
+    )
     base.update(keys)
     lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
     lines += [
         f'\n[[datasets]]\nid = "edit"\ninstance_data_dir = "{pairs}/edit"\ncaption_strategy = "textfile"\n'
         f'resolution = 128\nconditioning_data = ["ref"]\ncache_dir_vae = "{folder}/cache/edit"',
-        f'\n[[datasets]]\nid = "ref"\ninstance_data_dir = "{pairs}/ref"\ncache_dir_vae = "{folder}/cache/ref"',
+        f'\n[[datasets]]\nid = "ref"\ninstance_data_dir = "{pairs}/ref"\n'
+        f'cache_dir_vae = "{folder}/cache/ref"',
     ]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text("\n".join(lines) + "\n")
@@ -121,8 +134,15 @@ def test_a_kill_at_any_moment_resumes_bit_identically(tiny_edit, tmp_path):
 
 def test_validation_does_not_change_training_and_shows_captions_and_previews(tiny_edit, tmp_path):
     train.main([write_config(tmp_path / "a", tiny_edit, max_train_steps=4)])
-    cfg = write_config(tmp_path / "b", tiny_edit, max_train_steps=4, validation_steps=2, validation_preview_steps=2,
-                       validation_num_inference_steps=4, validation_resolution="64x64")  # fmt: skip
+    cfg = write_config(
+        tmp_path / "b",
+        tiny_edit,
+        max_train_steps=4,
+        validation_steps=2,
+        validation_preview_steps=2,
+        validation_num_inference_steps=4,
+        validation_resolution="64x64",
+    )
     train.main([cfg])
     assert same_lora(lora_of(tmp_path / "a/out"), lora_of(tmp_path / "b/out"))
     grids = sorted((tmp_path / "b/out/validation").glob("*.png"))
@@ -151,8 +171,17 @@ def test_it_learns_one_pair_and_sampling_moves_toward_the_target(tiny_edit, tmp_
     for sub, ext in (("edit", ".png"), ("edit", ".txt"), ("ref", ".png")):
         (pairs / sub).mkdir(parents=True, exist_ok=True)
         shutil.copy(EXAMPLES / sub / f"circle{ext}", pairs / sub / f"circle{ext}")
-    cfg = write_config(tmp_path, tiny_edit, pairs, lora_rank=16, lora_alpha=16, learning_rate=1e-2,
-                       max_train_steps=120, checkpointing_steps=120, caption_dropout_probability=0.0)  # fmt: skip
+    cfg = write_config(
+        tmp_path,
+        tiny_edit,
+        pairs,
+        lora_rank=16,
+        lora_alpha=16,
+        learning_rate=1e-2,
+        max_train_steps=120,
+        checkpointing_steps=120,
+        caption_dropout_probability=0.0,
+    )
     train.main([cfg])
     loss = [row["loss"] for row in losses(tmp_path / "out")]
     assert np.mean(loss[-20:]) < 0.75 * np.mean(loss[:5]), (np.mean(loss[:5]), np.mean(loss[-20:]))
@@ -165,7 +194,7 @@ def test_it_learns_one_pair_and_sampling_moves_toward_the_target(tiny_edit, tmp_
     with torch.no_grad():
         txt = te.encode("make the circle red", ref)
         ref_z, target_z = (M.to_latent(vae, data.pil_to_tensor(im)) for im in (ref, target))
-    sigmas = M.schedule(8, (h // 16) * (w // 16), validate.read_scheduler(tiny_edit))
+    sigmas = M.schedule(8, (h // 16) * (w // 16), config.read_scheduler(tiny_edit))
     noise = validate.initial_noise(0, h, w, torch.float32)
     transformer = M.load_transformer(tiny_edit, torch.float32)
     before = validate.sample(transformer, noise, txt, None, sigmas, 1.0, ref=ref_z, progress=False)
@@ -176,10 +205,11 @@ def test_it_learns_one_pair_and_sampling_moves_toward_the_target(tiny_edit, tmp_
 
 
 def ddp_rank(rank: int, cfg: str, folder: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
-    transformer = train.train(train.load_config(Path(cfg), []), ROOT)
+    transformer = train.train(config.load_config(Path(cfg), []), ROOT)
     save_file(lora.lora_state_dict(transformer), f"{folder}/rank{rank}.safetensors")
 
 
@@ -195,12 +225,15 @@ def test_two_gloo_processes_train_as_one_process_on_the_same_global_batch(tiny_e
     single = write_config(
         tmp_path / "one", tiny_edit, max_train_steps=3, checkpointing_steps=3, train_batch_size=2
     )
-    state = lora.lora_state_dict(train.train(train.load_config(Path(single), []), ROOT))
+    state = lora.lora_state_dict(train.train(config.load_config(Path(single), []), ROOT))
     # ... and with one process on batches of 2 (the same global batches, the same per-sample noise), up to
     # the order of float sums: per step the losses to 1e-6, the weights far closer than a step's change
     ddp, one = losses(tmp_path / "ddp/out"), losses(tmp_path / "one/out")
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == [1, 2, 3]
-    assert all(abs(a["loss"] - b["loss"]) <= 1e-6 * b["loss"] for a, b in zip(ddp, one, strict=True)), (ddp, one)
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-6 * b["loss"] for a, b in zip(ddp, one, strict=True)), (
+        ddp,
+        one,
+    )
     step = max(state[k].abs().max() for k in state if "lora_B" in k) / 3  # B's mean change per step
     assert step > 0 and same_lora(r0, state, tol=0.05 * step), max((r0[k] - state[k]).abs().max() for k in r0)
 
@@ -238,9 +271,16 @@ def test_encoders_are_read_once_per_run_whatever_the_samples_and_prompts(tiny_ed
 
         monkeypatch.setattr(owner, f"load_{name}", counted)
     refs = [str(EXAMPLES / "ref/sun.png"), str(EXAMPLES / "ref/circle.png")]
-    cfg = write_config(tmp_path, tiny_edit, max_train_steps=2, validation_steps=1, validation_num_inference_steps=1,
-                       validation_prompt=["add a sun", "make it red"], validation_reference=refs,
-                       validation_resolution="64x64")  # fmt: skip
+    cfg = write_config(
+        tmp_path,
+        tiny_edit,
+        max_train_steps=2,
+        validation_steps=1,
+        validation_num_inference_steps=1,
+        validation_prompt=["add a sun", "make it red"],
+        validation_reference=refs,
+        validation_resolution="64x64",
+    )
     train.main([cfg])  # 6 pairs: 12 latents and 18 texts to cache, 2 prompts, 3 validations
     assert reads == {"vae": 1, "text_encoder": 1}, reads
     assert len(list((tmp_path / "out/validation").glob("*.png"))) == 3
@@ -343,8 +383,12 @@ def limit_file_size(nbytes: int):
 def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tiny_edit, tmp_path):
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=2, checkpointing_steps=2)
     train.main([cfg])  # caches and a first checkpoint, written freely
-    proc = subprocess.run([sys.executable, ROOT / "train.py", cfg, "--max_train_steps=4"], capture_output=True,
-                          text=True, preexec_fn=limit_file_size(100_000))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, ROOT / "train.py", cfg, "--max_train_steps=4"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size(100_000),
+    )
     assert_one_line_error(proc, "step-000004: cannot write the checkpoint", "free disk space")
     names = sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir())
     assert (
@@ -357,9 +401,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tiny_edit, tmp
 # Non-finite steps and out of memory
 
 
-def test_a_non_finite_step_is_never_applied_and_the_last_truly_good_checkpoint_is_named(tiny_edit, tmp_path, monkeypatch):
-    """Step 4's loss is NaN: step 4 is not applied, step 3's checkpoint (whose weights gave it) is moved aside,
-    step 2's is named, and the shared LoRA file is step 2's."""
+def test_a_non_finite_step_is_never_applied_and_the_last_truly_good_checkpoint_is_named(
+    tiny_edit, tmp_path, monkeypatch
+):
+    """Step 4's loss is NaN: step 4 is not applied, step 3's checkpoint (whose weights gave it) is moved
+    aside, step 2's is named, and the shared LoRA file is step 2's."""
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=6, checkpointing_steps=1)
     real = train.batch_loss
 
@@ -370,10 +416,15 @@ def test_a_non_finite_step_is_never_applied_and_the_last_truly_good_checkpoint_i
     monkeypatch.setattr(train, "batch_loss", nan_at_step_4)
     message = fails([cfg])
     good = tmp_path / "out/checkpoints/step-000002"
-    assert f"the loss is nan (gradient norm nan) at step 4: it was not applied; the last good checkpoint is {good}" in message
+    assert (
+        "the loss is nan (gradient norm nan) at step 4: it was not applied; "
+        f"the last good checkpoint is {good}" in message
+    )
     assert "step-000003 moved aside" in message and "\n" not in message, message
     names = sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir())
-    assert names[:2] == ["step-000001", "step-000002"] and names[2].startswith("step-000003.nonfinite-"), names
+    assert names[:2] == ["step-000001", "step-000002"] and names[2].startswith("step-000003.nonfinite-"), (
+        names
+    )
     assert same_lora(lora_of(tmp_path / "out"), lora_of(good))
     assert [row["step"] for row in losses(tmp_path / "out")] == [1, 2, 3]
 

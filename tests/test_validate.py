@@ -119,8 +119,16 @@ def test_edit_matches_diffusers(tiny_edit, tmp_path, small_edit_area, ref_size, 
     ref, (w, h) = reference(tmp_path / "ref.png", *ref_size), small_edit_area(*ref_size)
     assert w != h
     out = tmp_path / "ours.png"
-    validate_cli(model=tiny_edit, ref=ref, prompt=prompt, negative_prompt=negative, steps=3, seed=7,
-                 resolution=f"{w}x{h}", out=out)  # fmt: skip
+    validate_cli(
+        model=tiny_edit,
+        ref=ref,
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=3,
+        seed=7,
+        resolution=f"{w}x{h}",
+        out=out,
+    )
     want = diffusers_edit(tiny_edit, ref, prompt, 3, seed=7, negative_prompt=negative, guidance_scale=4.5)
     assert Image.open(out).size == want.size == (w, h)
     assert psnr(Image.open(out), want) >= 60, psnr(Image.open(out), want)
@@ -140,13 +148,30 @@ def test_edit_default_size_is_one_megapixel_and_matches_diffusers(tiny_edit, tmp
 @pytest.mark.parametrize("renorm", [True, False])
 def test_t2i_matches_diffusers(tiny_t2i, tmp_path, renorm):
     prompt, negative, out = 'a poster that says "LongCat" in bold letters', "ugly", tmp_path / "ours.png"
-    validate_cli(model=tiny_t2i, prompt=prompt, negative_prompt=negative, steps=3, guidance=4.0, seed=11,
-                 resolution="256x160", cfg_renorm=renorm, no_cfg_renorm=not renorm, out=out)  # fmt: skip
+    validate_cli(
+        model=tiny_t2i,
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=3,
+        guidance=4.0,
+        seed=11,
+        resolution="256x160",
+        cfg_renorm=renorm,
+        no_cfg_renorm=not renorm,
+        out=out,
+    )
     g = torch.Generator("cpu").manual_seed(11)
     want = diffusers_pipeline(tiny_t2i)(
-        prompt, negative_prompt=negative, height=160, width=256, num_inference_steps=3, guidance_scale=4.0,
-        enable_cfg_renorm=renorm, enable_prompt_rewrite=False, generator=g,
-    ).images[0]  # fmt: skip
+        prompt,
+        negative_prompt=negative,
+        height=160,
+        width=256,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        enable_cfg_renorm=renorm,
+        enable_prompt_rewrite=False,
+        generator=g,
+    ).images[0]
     assert Image.open(out).size == (256, 160)
     assert psnr(Image.open(out), want) >= 60, psnr(Image.open(out), want)
 
@@ -158,13 +183,24 @@ def test_bfloat16_runs_are_bit_exact_with_diffusers(tiny_edit, tiny_t2i, tmp_pat
     validate_cli(
         model=tiny_edit, ref=ref, prompt="add 'rain'", resolution=f"{w}x{h}", out=tmp_path / "e.png", **common
     )
-    validate_cli(model=tiny_t2i, prompt="a 'neon' sign", negative_prompt="dull", resolution="128x96",
-                 out=tmp_path / "t.png", **common)  # fmt: skip
+    validate_cli(
+        model=tiny_t2i,
+        prompt="a 'neon' sign",
+        negative_prompt="dull",
+        resolution="128x96",
+        out=tmp_path / "t.png",
+        **common,
+    )
     edit = diffusers_edit(tiny_edit, ref, "add 'rain'", 3, seed=5, dtype=torch.bfloat16)
     t2i = diffusers_pipeline(tiny_t2i, torch.bfloat16)(
-        "a 'neon' sign", negative_prompt="dull", height=96, width=128, num_inference_steps=3,
-        enable_prompt_rewrite=False, generator=torch.Generator().manual_seed(5),
-    ).images[0]  # fmt: skip
+        "a 'neon' sign",
+        negative_prompt="dull",
+        height=96,
+        width=128,
+        num_inference_steps=3,
+        enable_prompt_rewrite=False,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]
     assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(edit))
     assert np.array_equal(pixels(tmp_path / "t.png"), np.asarray(t2i))
 
@@ -402,7 +438,7 @@ def count_reads(monkeypatch) -> dict[str, int]:
 
 def test_each_model_is_read_once_however_many_images(tiny_edit, tmp_path, monkeypatch):
     reads = count_reads(monkeypatch)
-    models = validate.Models(tiny_edit, "cpu", torch.float32)
+    models = validate.Models(tiny_edit, "cpu", torch.float32, validate.Weights())
     ref = Image.open(reference(tmp_path / "r.png", 64, 64))
     settings = validate.Settings((64, 64), steps=1)
     first = [validate.render(models, p, ref, settings, progress=False)[0] for p in ("a", "b", "a")]
@@ -416,8 +452,20 @@ def test_out_of_memory_is_one_line_naming_the_stage_and_the_knobs(tiny_t2i, tmp_
 
     monkeypatch.setattr(M.LongCatTransformer, "forward", oom)
     with pytest.raises(SystemExit) as stop:
-        validate.main(["--model", str(tiny_t2i), "--prompt", "x", "--steps", "2", "--resolution", "64x64",
-                       "--out", str(tmp_path / "o.png")])  # fmt: skip
+        validate.main(
+            [
+                "--model",
+                str(tiny_t2i),
+                "--prompt",
+                "x",
+                "--steps",
+                "2",
+                "--resolution",
+                "64x64",
+                "--out",
+                str(tmp_path / "o.png"),
+            ]
+        )
     message = str(stop.value)
     assert message.startswith("error: out of GPU memory while sampling 64x64 (tried to allocate 2.00 gib")
     assert "--quant int8" in message and "\n" not in message

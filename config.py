@@ -1,0 +1,323 @@
+"""What a user names, checked before any work: the keys of config.toml (train.py) and what they share with
+validate.py's flags (the checkpoint, the device, sizes, the attention kernels).
+
+- `Config`: every key of config.toml with its default (the official recipe's; SimpleTuner's names where one
+  exists), its type and its range. `load_config` reads the TOML, applies `--key=value` overrides (values read
+  as TOML, so `--lora_targets=["attn.to_q"]` works) and names the key of any problem, with the closest valid
+  one for a typo (nanoGPT's configurator, with types).
+- `resolve_checkpoint`: `pretrained_model_name_or_path` / `--model` -> a checkpoint folder in the released
+  layout (a folder, a hub id through huggingface_hub, or `tiny` / `tiny-t2i`, the random demo of tiny.py).
+- `pick_device`, `parse_size`, `check_attention_backend`: `device` / `--device`, `validation_resolution` /
+  `--resolution`, `attention_backend` / `--attention`, each refused in one line naming the key.
+The datasets' own keys (`[[datasets]]`) are checked by data.py, which knows what they mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+import lora
+import model as M
+import quant
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DEFAULT_MODEL = "meituan-longcat/LongCat-Image-Edit"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The checkpoint folder
+
+PIPELINES = {"LongCatImageEditPipeline": "edit", "LongCatImagePipeline": "t2i"}
+NEEDED = [
+    "model_index.json",
+    "transformer/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "tokenizer",
+]
+
+
+def resolve_checkpoint(name: str | Path, base: Path | None = None) -> Path:
+    """A checkpoint folder: `tiny` / `tiny-t2i` (the random demo, tiny.py), a folder (relative to `base`
+    first, e.g. the config's folder), or a hub id downloaded or found in the Hugging Face cache (HF_HOME,
+    HF_HUB_OFFLINE=1 are honoured by huggingface_hub)."""
+    if str(name) in ("tiny", "tiny-edit", "tiny-t2i"):
+        import tiny
+
+        return tiny.checkpoint("t2i" if str(name) == "tiny-t2i" else "edit")
+    path = Path(name).expanduser()
+    if base is not None and (base / path).exists():
+        path = base / path
+    if not path.exists():
+        if str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
+            raise M.CheckpointError(f"{name}: no such folder (and not a hub id like {DEFAULT_MODEL})")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(name)))
+        # network, auth, offline without a cached copy: all end the same way for a user
+        except Exception as e:
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise M.CheckpointError(
+                f"{name}: not downloadable nor in the Hugging Face cache ({type(e).__name__}: {first}); "
+                "pass a local folder, or set HF_HOME to where it was downloaded"
+            ) from None
+    for need in NEEDED:
+        if not (path / need).exists():
+            raise M.CheckpointError(f"{path} is not a LongCat-Image checkpoint: {need} is missing")
+    return path
+
+
+def read_flavour(path: Path) -> str:
+    """'edit' or 't2i', from model_index.json's pipeline class."""
+    name = M.read_json(Path(path) / "model_index.json").get("_class_name")
+    if name not in PIPELINES:
+        raise M.CheckpointError(
+            f"{path}/model_index.json: _class_name {name!r} is not one of {sorted(PIPELINES)}"
+        )
+    return PIPELINES[name]
+
+
+def read_scheduler(path: Path) -> dict:
+    return M.read_json(Path(path) / "scheduler/scheduler_config.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices, sizes, attention kernels
+
+
+def pick_device(name: str | None, key: str = "--device") -> torch.device:
+    """The device to run on: the one named (checked to exist), else cuda, then mps, then cpu."""
+    if not name or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{key} {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        seen = f"{torch.cuda.device_count()} CUDA device(s)" if torch.version.cuda else "a CPU-only torch"
+        raise ValueError(f"{key} {name!r}: not available here ({seen}); use cpu or install a CUDA torch")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{key} {name!r}: MPS is not available here; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{key} {name!r}: unsupported; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The models' dtype unless told otherwise: bfloat16 on a GPU, float32 on the CPU (it emulates bf16)."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def parse_size(text: str, key: str = "--resolution") -> tuple[int, int]:
+    """'WxH' -> (W, H), both multiples of 16 in 16..8192."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{key} {text!r}: expected WxH, e.g. 1024x768") from None
+    if w % 16 or h % 16 or not (16 <= w <= 8192 and 16 <= h <= 8192):
+        near = f"{min(max(w // 16 * 16, 16), 8192)}x{min(max(h // 16 * 16, 16), 8192)}"
+        raise ValueError(f"{key} {text}: width and height must be multiples of 16 in 16..8192 (e.g. {near})")
+    return w, h
+
+
+def check_attention_backend(
+    name: str, device, dtype: torch.dtype, head_dim: int, grad: bool, key: str
+) -> None:
+    """Try the chosen attention kernels on a tiny input, then use them: a kernel this device lacks is named
+    now, with the choices, and nothing is changed."""
+    try:
+        backends = M.attention_backends(name)[grad]
+    except ValueError as e:
+        raise ValueError(f"{key} {e}") from None
+    q = torch.randn(1, 8, 2, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    try:
+        with torch.set_grad_enabled(grad), sdpa_kernel(backends) if backends else nullcontext():
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            if grad:
+                out.sum().backward()
+    except RuntimeError as e:
+        where = f"{device.type} with {str(dtype).removeprefix('torch.')}"
+        raise ValueError(
+            f"{key} {name!r}: not available on {where} ({str(e).splitlines()[0][:100]}); "
+            f"choose one of {', '.join(M.ATTENTION_CHOICES)}"
+        ) from None
+    M.set_attention_backend(name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config.toml
+
+
+@dataclass
+class Config:
+    """config.toml's keys (SimpleTuner's names where one exists); defaults are the official recipe's."""
+
+    pretrained_model_name_or_path: str = DEFAULT_MODEL  # folder, hub id, or "tiny" / "tiny-t2i"
+    model_flavour: str = ""  # edit | final | dev; "" = what the checkpoint is
+    # no_change | int8 | fp8 | fp8-compute (int8-quanto, fp8-torchao are aliases)
+    base_model_precision: str = "int8"
+    text_encoder_precision: str = "no_change"  # the text encoder while caching: no_change | int8 | fp8
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: list = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
+    lora_dropout: float = 0.0
+    output_dir: str = "output"
+    overwrite_output_dir: bool = False  # start over in a folder holding another run (its files moved aside)
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "constant"  # constant | cosine | linear (after the warmup)
+    lr_warmup_steps: int = 0
+    max_train_steps: int = 2000
+    num_train_epochs: int = 0  # > 0: stop after this many epochs if that comes first
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    checkpointing_steps: int = 250
+    checkpoints_total_limit: int = 3
+    resume_from_checkpoint: str = "latest"  # latest | none | a checkpoint folder
+    seed: int = 0
+    # bf16: on a GPU the base and activations in bfloat16 (LoRA and AdamW stay float32) | no: float32
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    checkpoint_keep_attention: bool = False  # keep attention outputs: faster at large sizes, more memory
+    attention_backend: str = "auto"  # auto | flash | efficient | cudnn | math
+    compile: bool = False  # torch.compile each block (two compiles: joint and single blocks)
+    offload_blocks: int = 0  # stream the first N blocks' frozen weights from CPU memory
+    caption_dropout_probability: float = 0.1  # the empty instruction this often, the reference kept
+    flow_schedule_auto_shift: bool = True
+    flow_schedule_shift: float = 0.0  # with auto shift off and > 0: a static shift s
+    flow_use_uniform_schedule: bool = False
+    validation_steps: int = 0  # 0 = no validation images
+    validation_prompt: str | list = ""  # default: the first pair's instruction and reference
+    validation_reference: str | list = ""
+    validation_negative_prompt: str = ""
+    validation_guidance: float = 4.5
+    validation_num_inference_steps: int = 40
+    validation_resolution: str = "768x768"
+    validation_seed: int = 0
+    validation_preview_steps: int = 0  # > 0: also show the decoded image every N sampler steps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    aspect_bucket_alignment: int = 64
+    datasets: list = field(default_factory=list)
+
+    def check(self) -> None:
+        """Every value within its range; a ValueError names the key and what it accepts."""
+        for key, low in AT_LEAST.items():
+            if not low <= getattr(self, key) < 2**62:
+                raise ValueError(f"{key} = {getattr(self, key)}: must be at least {low}")
+        for key, (low, high, ends) in RANGES.items():
+            v = getattr(self, key)
+            above = v >= low if ends[0] == "[" else v > low
+            below = v <= high if ends[1] == "]" else v < high
+            if not (math.isfinite(v) and above and below):
+                raise ValueError(f"{key} = {v}: must be in {ends[0]}{low}, {high}{ends[1]}")
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                named = ", ".join(c for c in choices if c)
+                raise ValueError(f"{key} = {getattr(self, key)!r}: choose one of {named}")
+        for key, compute in (("base_model_precision", True), ("text_encoder_precision", False)):
+            try:
+                quant.normalize_mode(getattr(self, key), compute=compute)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        parse_size(self.validation_resolution, "validation_resolution")
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError(f"lora_targets = {self.lora_targets!r}: a list of module-name suffixes")
+        if self.offload_blocks and not self.gradient_checkpointing:
+            raise ValueError(
+                "offload_blocks needs gradient_checkpointing = true (else every block stays on the GPU)"
+            )
+        self.validation_prompt, self.validation_reference = (
+            as_list(self.validation_prompt),
+            as_list(self.validation_reference),
+        )
+        if self.validation_reference and len(self.validation_reference) != len(self.validation_prompt):
+            raise ValueError("validation_prompt and validation_reference need the same number of entries")
+
+
+# Integer keys and their least value.
+AT_LEAST = {"lora_rank": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1,
+            "checkpointing_steps": 1, "checkpoints_total_limit": 0, "num_train_epochs": 0,
+            "lr_warmup_steps": 0, "validation_steps": 0, "validation_num_inference_steps": 1,
+            "validation_seed": 0, "seed": 0, "validation_preview_steps": 0, "offload_blocks": 0}  # fmt: skip
+# Float keys: (low, high, which ends are allowed: "[" / "]" included, "(" / ")" not).
+RANGES = {"learning_rate": (0, 1, "(]"), "lora_alpha": (0, 1e6, "(]"), "adam_epsilon": (0, 1, "(]"),
+          "lora_dropout": (0, 1, "[)"), "adam_beta1": (0, 1, "[)"), "adam_beta2": (0, 1, "[)"),
+          "caption_dropout_probability": (0, 1, "[]"), "adam_weight_decay": (0, 10, "[]"),
+          "max_grad_norm": (0, 1e6, "[]"), "flow_schedule_shift": (0, 100, "[]"),
+          "validation_guidance": (0, 100, "[]")}  # fmt: skip
+CHOICES = {
+    "lr_scheduler": ("constant", "cosine", "linear"),
+    "mixed_precision": ("bf16", "no"),
+    "model_flavour": ("", "edit", "final", "dev"),
+    "attention_backend": tuple(M.ATTENTION_CHOICES),
+}
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def as_list(v) -> list[str]:
+    return [v] if isinstance(v, str) and v else ([] if isinstance(v, str) else list(v))
+
+
+def check_type(key: str, value, where: str):
+    """The value, checked against the field's type (an int is a fine float); raises naming the key."""
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        raise ValueError(
+            f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+        )
+    want = typing.get_type_hints(Config)[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
+        names = " or ".join(t.__name__ for t in typing.get_args(want)) or want.__name__
+        raise ValueError(f"{where}: {key} should be {names}, got {value!r}")
+    return value
+
+
+def parse_override(arg: str) -> tuple[str, object]:
+    """--key=value, the value read as TOML when it parses (numbers, true/false, lists), else as a string."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ValueError(f"command line: {arg!r} is not --key=value")
+    key, text = arg[2:].split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    if key in FIELDS and FIELDS[key].type == "str" and not isinstance(value, str):
+        value = text  # e.g. --output_dir=2024
+    return key, value
+
+
+def load_config(path: Path, overrides: list[str]) -> Config:
+    """config.toml, then --key=value overrides, every key and value checked."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    values = {k: check_type(k, v, str(path)) for k, v in raw.items()}
+    for k, v in map(parse_override, overrides):
+        values[k] = check_type(k, v, "command line")
+    cfg = Config(**values)
+    cfg.check()
+    return cfg
