@@ -1,0 +1,279 @@
+"""The edit web page (serve.py): a real server on a free port around the tiny checkpoint, driven with urllib
+as a script would; the PNG it sends is the one validate.py writes."""
+
+import base64
+import functools
+import inspect
+import io
+import json
+import struct
+import threading
+import urllib.error
+import urllib.request
+import zlib
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import validate_cli
+from PIL import Image
+
+import serve
+import validate
+
+PROMPT = "make the 'sky' purple"
+
+
+def form(**fields) -> tuple[bytes, str]:
+    """multipart/form-data by hand: bytes values are files, the rest text."""
+    boundary = "----minicat-test-7d1a"
+    body = b""
+    for name, value in fields.items():
+        disposition = f'form-data; name="{name}"'
+        if isinstance(value, bytes):
+            head = f'Content-Disposition: {disposition}; filename="{name}.png"\r\nContent-Type: image/png'
+        else:
+            head, value = f"Content-Disposition: {disposition}", str(value).encode()
+        body += f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def request(server, path: str, body: bytes | None = None, headers=None) -> tuple[int, str, bytes]:
+    """(status, content type, body) for a GET (body None) or a POST; errors are answers, not exceptions."""
+    host, port = server.server_address[:2]
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def post(server, **fields) -> tuple[int, str, bytes]:
+    body, content_type = form(**fields)
+    return request(server, "/api/edit", body, {"Content-Type": content_type})
+
+
+def get_progress(server) -> dict:
+    status, content_type, body = request(server, "/api/progress")
+    assert status == 200 and content_type == "application/json", (status, content_type)
+    return json.loads(body)
+
+
+@contextmanager
+def running(render, settings, flavour="edit", **kw):
+    server = serve.make_server(render, settings, flavour, port=0, **kw)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def png(size=(64, 48), colour=(200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fake_render(prompt, ref, s, on_step=None, progress=True):
+    """Stands in for the pipeline where only the HTTP side is under test."""
+    return Image.new("RGB", s.size or (32, 32), (0, 128, 255)), []
+
+
+@pytest.fixture(scope="module")
+def models(tiny_edit):
+    return validate.Models(tiny_edit, "cpu", torch.float32, validate.Weights(), keep=True)
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    with running(functools.partial(validate.render, models), validate.Settings(size=None, steps=2)) as s:
+        yield s
+
+
+def test_page_has_the_form(server):
+    status, content_type, body = request(server, "/")
+    page = body.decode()
+    assert status == 200 and content_type.startswith("text/html"), (status, content_type)
+    for name in ("image", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height"):
+        assert f'name="{name}"' in page, name
+    assert ">Edit</button>" in page and 'value="2"' in page  # the steps default comes from the settings
+    assert "http://" not in page and "https://" not in page  # no external assets
+
+
+def test_t2i_page_has_no_image_field_and_generates(tiny_t2i):
+    models = validate.Models(tiny_t2i, "cpu", torch.float32, validate.Weights(), keep=True)
+    with running(functools.partial(validate.render, models), validate.Settings(steps=1), "t2i") as server:
+        page = request(server, "/")[2].decode()
+        assert 'name="image"' not in page and 'name="prompt"' in page and ">Generate</button>" in page
+        status, content_type, body = post(server, prompt="a cat", width=32, height=48, guidance=1)
+        assert status == 200 and content_type == "image/png", body[:200]
+        assert Image.open(io.BytesIO(body)).size == (32, 48)
+        status, _, body = post(server, prompt="a cat", image=png())
+        assert status == 400 and b"image" in body, body
+
+
+def test_edit_returns_a_png_of_the_asked_size(server):
+    status, content_type, body = post(server, image=png(), prompt=PROMPT, width=96, height=64, guidance=1)
+    assert status == 200 and content_type == "image/png", body[:300]
+    image = Image.open(io.BytesIO(body))
+    assert image.format == "PNG" and image.size == (96, 64), (image.format, image.size)
+
+
+def test_same_seed_same_bytes_as_the_cli(server, tiny_edit, tmp_path):
+    ref = tmp_path / "ref.png"
+    ref.write_bytes(png((80, 64), (30, 160, 90)))
+    fields = dict(image=ref.read_bytes(), prompt=PROMPT, seed=7, width=64, height=48, guidance=1)
+    first, second = post(server, **fields), post(server, **fields)
+    assert first[0] == 200 and first[2] == second[2], "the same seed gave different bytes"
+    assert post(server, **{**fields, "seed": 8})[2] != first[2], "the seed is ignored"
+    out = tmp_path / "cli.png"
+    validate_cli(
+        model=tiny_edit, ref=ref, prompt=PROMPT, steps=2, seed=7, guidance=1, resolution="64x48", out=out
+    )
+    assert out.read_bytes() == first[2], "the page's PNG differs from validate.py's"
+
+
+def test_a_non_image_upload_is_a_400(server):
+    status, content_type, body = post(server, image=b"GIF89a but not really", prompt=PROMPT)
+    assert status == 400 and content_type.startswith("text/plain"), (status, body)
+    assert b"image" in body and b"cannot read image" in body and b"Traceback" not in body, body
+
+
+def test_too_many_pixels_is_a_400(server):
+    """A PNG header claiming 8500x8500 (72 MP) is refused before anything is decoded."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + payload))
+        return struct.pack(">I", len(payload)) + kind + payload + crc
+
+    header = struct.pack(">IIBBBBB", 8500, 8500, 8, 2, 0, 0, 0)
+    huge = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    status, _, body = post(server, image=huge, prompt=PROMPT)
+    assert status == 400 and b"MP" in body and b"Traceback" not in body, (status, body)
+
+
+def test_a_too_large_upload_is_a_413(server):
+    assert serve.MAX_UPLOAD == 32 * 2**20
+    status, _, body = post(server, image=b"\0" * (serve.MAX_UPLOAD + 1), prompt=PROMPT)
+    assert status == 413 and b"32 MB" in body, (status, body)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("steps", 0),
+        ("steps", 1001),
+        ("steps", "two"),
+        ("seed", -1),
+        ("guidance", "nan"),
+        ("guidance", "inf"),
+        ("width", 100),
+        ("width", 8192),
+        ("height", 0),
+        ("preview_every", -1),
+    ],
+)
+def test_a_bad_number_is_a_400_naming_the_field(server, field, value):
+    fields = dict(image=png(), prompt=PROMPT, width=64, height=48)
+    status, _, body = post(server, **{**fields, field: value})
+    assert status == 400 and body.decode().startswith(field), (status, body)
+
+
+@pytest.mark.parametrize("missing", ["prompt", "image"])
+def test_a_missing_field_is_a_400(server, missing):
+    fields = dict(image=png(), prompt=PROMPT)
+    del fields[missing]
+    status, _, body = post(server, **fields)
+    assert status == 400 and body.decode().startswith(missing), (status, body)
+
+
+def test_a_second_request_while_one_runs_is_a_429():
+    started, release = threading.Event(), threading.Event()
+
+    def slow_render(prompt, ref, s, on_step=None, progress=True):
+        started.set()
+        assert release.wait(30)
+        return fake_render(prompt, ref, s)
+
+    with running(slow_render, validate.Settings(size=(32, 32), steps=2)) as server:
+        first = []
+        thread = threading.Thread(target=lambda: first.append(post(server, image=png(), prompt=PROMPT)))
+        thread.start()
+        assert started.wait(30)
+        status, _, body = post(server, image=png(), prompt=PROMPT)
+        release.set()
+        thread.join(30)
+        assert status == 429 and b"busy" in body, (status, body)
+        assert first[0][0] == 200, first
+        assert post(server, image=png(), prompt=PROMPT)[0] == 200  # the lock was released
+
+
+def test_progress_counts_the_steps_and_shows_previews(models):
+    seen = []
+    render = functools.partial(validate.render, models)
+
+    def spying_render(prompt, ref, s, on_step=None, progress=True):
+        def spy(step, steps, preview):
+            on_step(step, steps, preview)
+            seen.append(get_progress(server))
+
+        return render(prompt, ref, s, spy, progress)
+
+    with running(spying_render, validate.Settings(size=None, steps=3, guidance=1)) as server:
+        assert get_progress(server) == {"busy": False, "step": 0, "steps": 0, "preview": None}
+        status, _, body = post(server, image=png(), prompt=PROMPT, width=64, height=48, preview_every=1)
+        assert status == 200, body
+        steps = [(p["busy"], p["step"], p["steps"]) for p in seen]
+        assert steps == [(True, 1, 3), (True, 2, 3), (True, 3, 3)], steps
+        # previews every step but the last (that one is the result)
+        assert all(p["preview"].startswith("data:image/png;base64,") for p in seen)
+        preview = Image.open(io.BytesIO(base64.b64decode(seen[1]["preview"].split(",", 1)[1])))
+        assert preview.size == (64, 48)
+        after = get_progress(server)
+        assert after["busy"] is False and after["step"] == after["steps"] == 3, after
+
+
+OOM = "out of GPU memory while sampling 64x48; lower it with --quant int8"
+
+
+def test_a_failed_generation_is_one_line_and_the_server_carries_on(capfd):
+    def failing_render(prompt, ref, s, on_step=None, progress=True):
+        if prompt == "bug":
+            raise RuntimeError("something deep\nbroke")
+        raise validate.OutOfMemory(OOM)
+
+    with running(failing_render, validate.Settings(size=(32, 32), steps=2)) as server:
+        status, _, body = post(server, image=png(), prompt=PROMPT)
+        assert status == 422 and body == (OOM + "\n").encode(), body
+        status, _, body = post(server, image=png(), prompt="bug")
+        assert status == 500 and body == b"internal error: RuntimeError: something deep broke\n", body
+        assert get_progress(server)["busy"] is False
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_post_from_another_site_is_refused(server):
+    body, content_type = form(image=png(), prompt=PROMPT)
+    headers = {"Content-Type": content_type, "Origin": "http://evil.example"}
+    status, _, reply = request(server, "/api/edit", body, headers)
+    assert status == 403 and b"evil.example" in reply, (status, reply)
+
+
+def test_the_default_host_is_loopback(monkeypatch, capsys):
+    for fn in (serve.make_server, serve.serve):
+        assert inspect.signature(fn).parameters["host"].default == "127.0.0.1", fn
+    server = serve.make_server(fake_render, validate.Settings(), port=0)
+    assert server.server_address[0] == "127.0.0.1"
+    server.server_close()
+    # serve() prints the URL and takes Ctrl-C as the normal way to stop
+    monkeypatch.setattr(serve.EditServer, "serve_forever", serve_forever_interrupted)
+    serve.serve(fake_render, validate.Settings(), port=0)
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:" in out and "stopped" in out, out
+
+
+def serve_forever_interrupted(self, poll_interval=0.5):
+    raise KeyboardInterrupt
