@@ -121,10 +121,16 @@ class _Fp8MatmulFn(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias):
         dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
-        sx = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / QMAX["fp8"]  # (tokens, 1)
-        xq = (x2.float() / sx).clamp(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
+        # per-token scales, rounded to the compute dtype first: the codes and _scaled_mm then use the same
+        # number, and no float32 copy of the activations is made
+        sx = (x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / QMAX["fp8"]).to(
+            dtype
+        )  # (tokens, 1)
+        xq = (x2 / sx).clamp_(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
         b = None if bias is None else bias.to(dtype)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale[None].float(), bias=b, out_dtype=dtype)
+        y = torch._scaled_mm(
+            xq, weight.t(), scale_a=sx.float(), scale_b=scale[None].float(), bias=b, out_dtype=dtype
+        )
         ctx.save_for_backward(weight, scale)
         ctx.has_bias = bias is not None
         return y.reshape(*shape[:-1], -1)
