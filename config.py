@@ -103,8 +103,8 @@ def read_scheduler(path: Path) -> dict:
 def pick_device(name: str | None, key: str = "--device") -> torch.device:
     """The device to run on: the one named (checked to exist), else cuda, then mps, then cpu."""
     if not name or name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+        if torch.cuda.is_available():  # with its index: tensors report "cuda:0", and devices are compared
+            return torch.device("cuda", torch.cuda.current_device())
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -117,7 +117,7 @@ def pick_device(name: str | None, key: str = "--device") -> torch.device:
         raise ValueError(f"{key} {name!r}: MPS is not available here; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{key} {name!r}: unsupported; use cpu, cuda, cuda:N or mps")
-    return device
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

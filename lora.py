@@ -1,4 +1,4 @@
-"""LoRA for any Linear-like layer: inject, train, merge, and save/load files that diffusers and ComfyUI read.
+"""LoRA for any Linear-like layer: inject, train, merge, and save/load files every LoRA loader applies alike.
 
 LoRA (Hu et al. 2021, arXiv:2106.09685) freezes a weight W (out, in) and learns a low-rank update:
 
@@ -16,19 +16,17 @@ typing: anything with `in_features`, `out_features` and a forward. Merging into 
 tensors (`…to_q.weight` -> `…to_q.base.weight`); the LoRA tensors keep the module's own name
 (`…to_q.lora_A.weight`), which is what every file below uses.
 
-File layout (`save_lora`), one file that diffusers and ComfyUI apply identically:
+File layout (`save_lora`), one file that every loader applies alike:
     transformer.<module>.lora_A.weight  (r, in)     transformer.<module>.lora_B.weight  (out, r)
-    transformer.<module>.alpha          scalar float32
     __metadata__ = {"format": "pt", "lora_adapter_metadata": json({"transformer.r": r,
-                    "transformer.lora_alpha": alpha, "transformer.target_modules": [...], ...})}
-- diffusers (`transformer.load_lora_adapter(path, prefix="transformer")`, 0.42) builds peft's LoraConfig from
-  `lora_adapter_metadata` and so scales by lora_alpha / r; the `.alpha` tensors are ignored without a warning
-  (its warning lists only unexpected keys containing ".lora_").
-- ComfyUI's LongCat model is a Flux subclass; comfy/lora.py maps `transformer.<diffusers name>` onto it and
-  reads `<key>.alpha` (scale alpha / r, or 1.0 when absent). It ignores the metadata. `diffusion_model.` is
-  *not* mapped with diffusers names there, so no separate ComfyUI export is needed or written.
-Storing alpha in both places (rather than folding alpha / r into B) keeps B as trained, so a reloaded file
-resumes training with the same dynamics and round-trips bit for bit.
+                    "transformer.lora_alpha": ..., "transformer.target_modules": [...], ...})}
+The shared file (fold=True, the default) carries B x alpha / r and says lora_alpha = r, so the update is
+B @ A at scale 1.0 whoever reads it: diffusers' `load_lora_adapter(path, prefix="transformer")` reads the
+metadata only with use_safetensors=True (else it takes alpha = r), Flux-style `lora_state_dict` refuses a
+file with both `.alpha` tensors and metadata, and ComfyUI (its LongCat model is a Flux subclass; comfy/lora.py
+maps `transformer.<diffusers name>` onto row slices of its fused qkv / linear1 weights) reads no metadata and
+scales by 1.0 without an `.alpha` tensor. Training checkpoints use fold=False: B as trained and alpha in the
+metadata, so a resume continues with the same dynamics, bit for bit.
 
 `load_lora` also reads peft (`base_model.model.…lora_A.default.weight`, alpha from adapter_config.json),
 diffusers (with or without `transformer.`), kohya-style `lora_down`/`lora_up` and `diffusion_model.` keys.

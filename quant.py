@@ -1,4 +1,5 @@
-"""Weight-only int8 / fp8 quantization of frozen Linear layers, applied while the checkpoint loads.
+"""Fitting a frozen base into less GPU memory: int8 / fp8 weights quantized while the checkpoint loads, fp8
+compute, and block offload.
 
 LoRA training never updates the base weights, so they can be stored in 8 bits and expanded to the compute
 dtype one layer at a time, right before the matmul (weight-only quantization; LLM.int8() without the
@@ -6,7 +7,7 @@ outlier path, and gpt-fast's `WeightOnlyInt8Linear`):
 
     int8: s_o = max_i |W_oi| / 127,  q_oi = clamp(round(W_oi / s_o), -127, 127)   (symmetric, per output row)
     fp8:  s_o = max_i |W_oi| / 448,  q_oi = e4m3(W_oi / s_o)                       (448 = largest e4m3 value)
-    y = (x @ q^T) * s + b      (q cast to x's dtype: exact, as int8 and e4m3 values fit bf16 / fp16)
+    y = x @ (q * s)^T + b      (q * s made in x's dtype, so the GEMM keeps its fused bias)
 
 One scale per output channel makes each row use the full code range; int8 then has a rounding error of at most
 s_o / 2 per element, e4m3 a relative error of at most 2^-4 (3 mantissa bits) for normal values. The bias is
@@ -26,7 +27,16 @@ Hooks for lora.py (duck typed, no import): `QuantLinear.dequantize() -> Tensor` 
 and `QuantLinear.load_float_weight(w)` re-quantizes a float weight into the layer; LoRA merging is
 `load_float_weight(dequantize() + scale * B @ A)`.
 
-Mode names: "int8", "fp8", "none"; SimpleTuner's "int8-quanto", "fp8-torchao" and "no_change" are aliases.
+fp8 compute ("fp8-compute": fp8 weights, and on fp8 tensor cores, Ada / Hopper): the activations are also
+rounded to e4m3 with one scale per token and `torch._scaled_mm` multiplies the codes, y = (x_q @ q^T) s_x s_w
++ b in the compute dtype; the input gradient is computed from the expanded weight (gradients stay bf16).
+
+Block offload (`offload_blocks`): the frozen tensors of the first N blocks live in pinned CPU memory and are
+copied to the GPU on a side stream just before each block runs (the next one is prefetched while the current
+one computes), and dropped after it; trainable (LoRA) tensors stay on the GPU.
+
+Mode names: "int8", "fp8", "fp8-compute", "none"; SimpleTuner's "int8-quanto", "fp8-torchao" and
+"no_change" are aliases.
 References: Dettmers et al. 2022, LLM.int8() (arXiv:2208.07339); Micikevicius et al. 2022, FP8 formats for
 deep learning (arXiv:2209.05433); pytorch-labs/gpt-fast quantize.py; karpathy/nanochat fp8.py.
 """

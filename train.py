@@ -457,8 +457,8 @@ def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> vali
     def text(prompt: str, ref) -> torch.Tensor:
         return models.text_encoder().encode(prompt, ref).cpu()
 
-    ident = data.model_identity(ckpt)
-    with validate.stage("caching latents and prompts", TRAIN_KNOBS):
+    ident, (w, h) = data.model_identity(ckpt), max((s.bucket for s in samples), key=lambda b: b[0] * b[1])
+    with validate.stage(f"caching latents and prompts (buckets up to {w}x{h})", TRAIN_KNOBS):
         for v in val:
             v["ref_latent"] = latent(data.pil_to_tensor(v["ref_image"])) if v["ref_image"] else None
         if rank == 0:

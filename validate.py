@@ -4,12 +4,12 @@
     python validate.py --model meituan-longcat/LongCat-Image --prompt "a cat holding a sign that says 'hi'"
     python validate.py --serve                         # the edit web page on http://127.0.0.1:7860
 
-What diffusers' LongCatImageEditPipeline / LongCatImagePipeline compute, written out: the checkpoint folder
-(a local folder, a hub id or the `tiny` demo), Qwen2.5-VL prompt encoding with LongCat's chat templates
-(SPEC §4), the Euler sampler with CFG (§5), and `generate()`, which this CLI, the web page (serve.py) and
-training's validation share. Every input is checked before the first model loads. The models load at their
-first use (`Models`) and the text encoder never shares the GPU with the others, so peak GPU memory is the
-largest stage, not the sum. Same seed, same image as diffusers (tests/).
+What diffusers' LongCatImageEditPipeline / LongCatImagePipeline compute, written out, in reading order:
+Qwen2.5-VL prompt encoding with LongCat's chat templates (SPEC §4), the Euler sampler with CFG (§5),
+`generate()` (embeddings -> image), which this CLI, the web page (serve.py) and training's validation share,
+`Models` (each model read from disk once; the text encoder never shares the GPU with the others, so peak GPU
+memory is the largest stage, not the sum), `render()` (prompt -> image), validation grids, and the command
+line, which checks every input before the first model loads. Same seed, same image as diffusers (tests/).
 """
 
 from __future__ import annotations

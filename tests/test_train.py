@@ -520,3 +520,11 @@ def test_bf16_training_without_autocast_stays_within_bf16_rounding_of_autocast(t
     assert abs(a - b) <= 0.01 * a, (a, b)
     cosine = torch.nn.functional.cosine_similarity(ga, gb, dim=0).item()
     assert cosine > 0.99, cosine
+
+
+def test_the_shipped_configs_are_valid():
+    """config.toml and examples/tiny.toml load with every key known, typed and in range."""
+    real = config.load_config(ROOT / "config.toml", [])
+    assert real.pretrained_model_name_or_path == "meituan-longcat/LongCat-Image-Edit" and real.datasets
+    assert real.text_encoder_precision == "int8" and real.attention_backend == "auto"
+    assert config.load_config(EXAMPLES / "tiny.toml", []).pretrained_model_name_or_path == "tiny"
