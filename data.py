@@ -24,10 +24,8 @@ full and checked (shape, finite values) before it is used; a bad one is named an
 encoded before any text, so the VAE and the text encoder need not be on the GPU together. Dataset folders are
 only ever read.
 
-Checks run before any encoder call and name every offender at once (missing references or captions,
-unreadable, truncated or oversized images); files that are skipped (not images, unpaired references) are
-reported. `python data.py config.toml` checks the data and builds the caches of a training config (train.py's
-config and encoders, stopping before the first step) and prints a report.
+Checks run before any encoder call and name every offender at once; skipped files are reported.
+`python data.py config.toml` is train.py stopping once the data is checked and cached, with a report.
 """
 
 import difflib
@@ -301,6 +299,8 @@ def _list_images(ds: DatasetConfig, notes: list[str]) -> dict[str, list[Path]]:
 
 
 def _captions(ds: DatasetConfig, path: Path) -> list[str]:
+    if ds.caption_strategy is None:
+        return []
     if ds.caption_strategy == "instanceprompt":
         return [ds.instance_prompt]
     if ds.caption_strategy == "filename":
