@@ -283,7 +283,7 @@ def test_encoders_are_read_once_per_run_whatever_the_samples_and_prompts(tiny_ed
         validation_reference=refs,
         validation_resolution="64x64",
     )
-    train.main([cfg])  # 6 pairs: 12 latents and 18 texts to cache, 2 prompts, 3 validations
+    train.main([cfg])  # 6 pairs: every latent and text to cache, 2 prompts, 3 validations
     assert reads == {"vae": 1, "text_encoder": 1}, reads
     assert len(list((tmp_path / "out/validation").glob("*.png"))) == 3
 
