@@ -53,8 +53,9 @@ DEFAULT_TARGETS = (
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 )  # fmt: skip
 # The rest of the peft LoraConfig diffusers writes into lora_adapter_metadata (plain LoRA, default init).
-PEFT_REST = dict(bias="none", use_dora=False, use_rslora=False, init_lora_weights=True)
-PEFT_REST.update(rank_pattern={}, alpha_pattern={})
+PEFT_REST = dict(
+    bias="none", use_dora=False, use_rslora=False, init_lora_weights=True, rank_pattern={}, alpha_pattern={}
+)
 FILE_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")  # stripped from keys when loading
 FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # looked for in a directory
 

@@ -629,7 +629,8 @@ def train(cfg: config.Config, cfg_dir: Path, prepare_only: bool = False) -> torc
     rank, world, device = setup_distributed(cfg.device)
     ckpt, datasets, samples, notes, val = read_data(cfg, cfg_dir, device)
     if prepare_only:  # python data.py config.toml
-        return prepare_data(cfg, ckpt, datasets, samples, notes, [], rank, device) and None
+        prepare_data(cfg, ckpt, datasets, samples, notes, [], rank, device)
+        return None
     out, run = (cfg_dir / Path(cfg.output_dir).expanduser()).resolve(), run_identity(cfg, ckpt, world)
     with OutputLock(out) if rank == 0 else nullcontext():
         resume = claim_output_dir(out, run, cfg, rank)

@@ -32,8 +32,14 @@ import config
 import data
 import model as M
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPES.update(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 KNOBS = "--quant int8, --text-encoder-quant int8, --offload-blocks N or a smaller --resolution"
 
 
