@@ -4,7 +4,7 @@
     python bench.py --released --small [--json out.json]    the same code narrowed: ~1.5 min on 2 CPU cores
     python bench.py [--plan] [--small] [--json out.json]    the memory plans of the released model, anywhere
 
---released measures on the device at hand (cuda if any) what research/gpu_h200.md's tables measure: the
+--released measures on the device at hand (cuda if any) what the H200 tables in README's Performance section measure: the
 released-size transformer (D = 3072, 10 + 20 blocks, 6.27 B parameters), seeded random weights made on the
 device in bf16, one configuration at a time (built, measured, deleted, memory emptied, peak stats reset: a
 "peak" is max_memory_allocated() of that configuration alone, weights included). First diffusers'
@@ -57,9 +57,10 @@ from torch.utils._pytree import tree_leaves
 
 import lora
 import model as M
+import pipeline
 import quant
 
-# decimal GB, as SPEC §8's "6.3 GB"
+# decimal GB, as the released model card's "6.3 GB" figures
 GB, BF16, CPU = 1e9, torch.bfloat16, torch.device("cpu")
 RELEASED = M.TransformerConfig()
 D = RELEASED.num_attention_heads * RELEASED.attention_head_dim
@@ -241,15 +242,23 @@ def set_lora(model: torch.nn.Module) -> list[str]:
 
 
 def build_minicat(size: dict, setup: Setup, device) -> torch.nn.Module:
-    """Random bf16 weights made on the device (seeded: every build has the same), `setup.mode` base, LoRA,
-    and the first size["offload"] blocks offloaded when the setup asks for it: as train.py builds it."""
+    """Random bf16 weights (seeded: every build has the same), `setup.mode` base, a rank-16 LoRA,
+    and the first size["offload"] blocks offloaded when the setup asks for it: built by
+    pipeline.build_transformer, as train.py builds it."""
+
+    def add_lora(m: torch.nn.Module) -> None:
+        lora.inject_lora(m, 16, 16)
+        lora.mark_only_lora_as_trainable(m)
+
     torch.manual_seed(0)
-    with torch.device(device):
-        m = released(setup.mode, 16, size["cfg"])
-    if setup.offload:
-        blocks = [*m.transformer_blocks, *m.single_transformer_blocks]
-        m.offload = quant.offload_blocks(blocks, size["offload"], device)
-    return m
+    return pipeline.build_transformer(
+        size["cfg"],
+        torch.device(device),
+        BF16,
+        quant_mode=setup.mode,
+        adapt=add_lora,
+        offload_blocks=size["offload"] if setup.offload else 0,
+    )
 
 
 def build_diffusers(cfg: M.TransformerConfig, device) -> torch.nn.Module:

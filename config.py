@@ -1,15 +1,17 @@
-"""What a user names, checked before any work: the keys of config.toml (train.py) and what they share with
-validate.py's flags (the checkpoint, the device, sizes, the attention kernels).
+"""What a user names, checked before any work: the keys of config.toml (train.py) and what they
+share with validate.py's flags (the checkpoint, the device, the dtype, the attention kernels).
 
-- `Config`: every key of config.toml with its default (the official recipe's; SimpleTuner's names where one
-  exists), its type and its range. `load_config` reads the TOML, applies `--key=value` overrides (values read
-  as TOML, so `--lora_targets=["attn.to_q"]` works) and names the key of any problem, with the closest valid
-  one for a typo (nanoGPT's configurator, with types).
-- `resolve_checkpoint`: `pretrained_model_name_or_path` / `--model` -> a checkpoint folder in the released
-  layout (a folder, a hub id through huggingface_hub, or `tiny` / `tiny-t2i`, the random demo of tiny.py).
-- `pick_device`, `parse_size`, `check_attention_backend`: `device` / `--device`, `validation_resolution` /
-  `--resolution`, `attention_backend` / `--attention`, each refused in one line naming the key.
-The datasets' own keys (`[[datasets]]`) are checked by data.py, which knows what they mean.
+- `Config`: every key of config.toml with its default (the official recipe's; SimpleTuner's names
+  where one exists), its type and its range. `load_config` reads the TOML, applies `--key=value`
+  overrides (values read as TOML, so `--lora_targets=["attn.to_q"]` works) and names the key of any
+  problem, with the closest valid one for a typo (nanoGPT's configurator.py, with types).
+- `resolve_checkpoint`: `pretrained_model_name_or_path` / `--model` -> a checkpoint folder in the
+  released layout (a folder, a hub id through huggingface_hub, or `tiny` / `tiny-t2i`, tiny.py's
+  random demo). What the folder must hold is model.py's business.
+- `pick_device`, `model_dtype`, `check_attention`: `device` / `--device`, the dtype rule, and
+  `attention_backend` / `--attention`, each refused in one line naming the key.
+The generation settings' limits (validation_*) are pipeline.py's LIMITS; the datasets' own keys
+(`[[datasets]]`) are checked by data.py, which knows what they mean.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from torch.nn.attention import sdpa_kernel
 
 import lora
 import model as M
+import pipeline
 import quant
+import tiny
 
 try:
     import tomllib
@@ -35,36 +39,37 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DEFAULT_MODEL = "meituan-longcat/LongCat-Image-Edit"
+# What lowers memory, for the out-of-memory message.
+TRAIN_KNOBS = (
+    'base_model_precision = "int8", text_encoder_precision = "int8", a smaller dataset resolution, a lower '
+    "lora_rank, checkpoint_keep_attention = false, train_batch_size = 1 or offload_blocks = N"
+)
+# The released checkpoint of each model_flavour (SimpleTuner's names).
+FLAVOUR_MODELS = {
+    "edit": "meituan-longcat/LongCat-Image-Edit",
+    "final": "meituan-longcat/LongCat-Image",
+    "dev": "meituan-longcat/LongCat-Image-Dev",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The checkpoint folder
-
-PIPELINES = {"LongCatImageEditPipeline": "edit", "LongCatImagePipeline": "t2i"}
-NEEDED = [
-    "model_index.json",
-    "transformer/config.json",
-    "vae/config.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "tokenizer",
-]
+# The checkpoint a user names
 
 
 def resolve_checkpoint(name: str | Path, base: Path | None = None) -> Path:
-    """A checkpoint folder: `tiny` / `tiny-t2i` (the random demo, tiny.py), a folder (relative to `base`
-    first, e.g. the config's folder), or a hub id downloaded or found in the Hugging Face cache (HF_HOME,
-    HF_HUB_OFFLINE=1 are honoured by huggingface_hub)."""
+    """A checkpoint folder: `tiny` / `tiny-t2i` (the random demo, tiny.py), a folder (relative to
+    `base` first, e.g. the config's folder), or a hub id downloaded or found in the Hugging Face
+    cache (HF_HOME, HF_HUB_OFFLINE=1 are honoured by huggingface_hub)."""
     if str(name) in ("tiny", "tiny-edit", "tiny-t2i"):
-        import tiny
-
         return tiny.checkpoint("t2i" if str(name) == "tiny-t2i" else "edit")
     path = Path(name).expanduser()
     if base is not None and (base / path).exists():
         path = base / path
     if not path.exists():
         if str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
-            raise M.CheckpointError(f"{name}: no such folder (and not a hub id like {DEFAULT_MODEL})")
+            raise M.CheckpointError(
+                f"{name}: no such folder (and not a hub id like {DEFAULT_MODEL})"
+            )
         from huggingface_hub import snapshot_download
 
         try:
@@ -73,37 +78,30 @@ def resolve_checkpoint(name: str | Path, base: Path | None = None) -> Path:
         except Exception as e:
             first = str(e).splitlines()[0][:200] if str(e) else ""
             raise M.CheckpointError(
-                f"{name}: not downloadable nor in the Hugging Face cache ({type(e).__name__}: {first}); "
-                "pass a local folder, or set HF_HOME to where it was downloaded"
+                f"{name}: not downloadable nor in the Hugging Face cache "
+                f"({type(e).__name__}: {first}); pass a local folder, or set HF_HOME to where it "
+                "was downloaded"
             ) from None
-    for need in NEEDED:
-        if not (path / need).exists():
-            raise M.CheckpointError(f"{path} is not a LongCat-Image checkpoint: {need} is missing")
-    return path
-
-
-def read_flavour(path: Path) -> str:
-    """'edit' or 't2i', from model_index.json's pipeline class."""
-    name = M.read_json(Path(path) / "model_index.json").get("_class_name")
-    if name not in PIPELINES:
-        raise M.CheckpointError(
-            f"{path}/model_index.json: _class_name {name!r} is not one of {sorted(PIPELINES)}"
-        )
-    return PIPELINES[name]
-
-
-def read_scheduler(path: Path) -> dict:
-    return M.read_json(Path(path) / "scheduler/scheduler_config.json")
+    return M.check_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Devices, sizes, attention kernels
+# Devices, dtypes, attention kernels
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 def pick_device(name: str | None, key: str = "--device") -> torch.device:
     """The device to run on: the one named (checked to exist), else cuda, then mps, then cpu."""
     if not name or name == "auto":
-        if torch.cuda.is_available():  # with its index: tensors report "cuda:0", and devices are compared
+        if torch.cuda.is_available():  # with its index: tensors report "cuda:0", devices compare
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
@@ -111,44 +109,45 @@ def pick_device(name: str | None, key: str = "--device") -> torch.device:
     except RuntimeError:
         raise ValueError(f"{key} {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        seen = f"{torch.cuda.device_count()} CUDA device(s)" if torch.version.cuda else "a CPU-only torch"
-        raise ValueError(f"{key} {name!r}: not available here ({seen}); use cpu or install a CUDA torch")
+        if torch.version.cuda:
+            seen = f"{torch.cuda.device_count()} CUDA device(s)"
+        else:
+            seen = "a CPU-only torch"
+        raise ValueError(
+            f"{key} {name!r}: not available here ({seen}); use cpu or install a CUDA torch"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{key} {name!r}: MPS is not available here; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{key} {name!r}: unsupported; use cpu, cuda, cuda:N or mps")
-    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
+    if device.type == "cuda":
+        return torch.device("cuda", device.index or 0)
+    return device
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The models' dtype unless told otherwise: bfloat16 on a GPU, float32 on the CPU (it emulates bf16)."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+def model_dtype(device: torch.device, mixed_precision: str = "bf16") -> torch.dtype:
+    """The dtype of the frozen models and the activations, for inference and training alike:
+    bfloat16 on a GPU (with training's mixed_precision = "bf16": no autocast, fewer casts; the
+    LoRA and AdamW stay float32), float32 on the CPU (it emulates bf16) or with "no"."""
+    if device.type == "cpu" or mixed_precision == "no":
+        return torch.float32
+    return torch.bfloat16
 
 
-def parse_size(text: str, key: str = "--resolution") -> tuple[int, int]:
-    """'WxH' -> (W, H), both multiples of 16 in 16..8192."""
-    try:
-        w, h = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"{key} {text!r}: expected WxH, e.g. 1024x768") from None
-    if w % 16 or h % 16 or not (16 <= w <= 8192 and 16 <= h <= 8192):
-        near = f"{min(max(w // 16 * 16, 16), 8192)}x{min(max(h // 16 * 16, 16), 8192)}"
-        raise ValueError(f"{key} {text}: width and height must be multiples of 16 in 16..8192 (e.g. {near})")
-    return w, h
-
-
-def check_attention_backend(
+def check_attention(
     name: str, device, dtype: torch.dtype, head_dim: int, grad: bool, key: str
 ) -> None:
-    """Try the chosen attention kernels on a tiny input, then use them: a kernel this device lacks is named
-    now, with the choices, and nothing is changed."""
+    """Try the chosen attention kernels on a tiny input: a kernel this device lacks is named now,
+    with the choices. Only checks; the caller then sets it (model.set_attention_backend). A kernel
+    that runs at this tiny size may still fail at full size (cuDNN's backward did on an H200)."""
     try:
         backends = M.attention_backends(name)[grad]
     except ValueError as e:
         raise ValueError(f"{key} {e}") from None
     q = torch.randn(1, 8, 2, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    kernels = sdpa_kernel(backends) if backends else nullcontext()
     try:
-        with torch.set_grad_enabled(grad), sdpa_kernel(backends) if backends else nullcontext():
+        with torch.set_grad_enabled(grad), kernels:
             out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
             if grad:
                 out.sum().backward()
@@ -158,7 +157,6 @@ def check_attention_backend(
             f"{key} {name!r}: not available on {where} ({str(e).splitlines()[0][:100]}); "
             f"choose one of {', '.join(M.ATTENTION_CHOICES)}"
         ) from None
-    M.set_attention_backend(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,13 +171,17 @@ class Config:
     model_flavour: str = ""  # edit | final | dev; "" = what the checkpoint is
     # no_change | int8 | fp8 | fp8-compute (int8-quanto, fp8-torchao are aliases)
     base_model_precision: str = "int8"
-    text_encoder_precision: str = "no_change"  # the text encoder while caching: no_change | int8 | fp8
+    text_encoder_precision: str = (
+        "no_change"  # the text encoder while caching: no_change | int8 | fp8
+    )
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_targets: list = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
     lora_dropout: float = 0.0
     output_dir: str = "output"
-    overwrite_output_dir: bool = False  # start over in a folder holding another run (its files moved aside)
+    overwrite_output_dir: bool = (
+        False  # start over in a folder holding another run (its files moved aside)
+    )
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-5
@@ -196,10 +198,13 @@ class Config:
     checkpoints_total_limit: int = 3
     resume_from_checkpoint: str = "latest"  # latest | none | a checkpoint folder
     seed: int = 0
-    # bf16: on a GPU the base and activations in bfloat16 (LoRA and AdamW stay float32) | no: float32
+    # bf16: on a GPU the base and activations in bfloat16 (LoRA and AdamW stay float32) | no:
+    # float32
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
-    checkpoint_keep_attention: bool = False  # keep attention outputs: faster at large sizes, more memory
+    checkpoint_keep_attention: bool = (
+        False  # keep attention outputs: faster at large sizes, more memory
+    )
     attention_backend: str = "auto"  # auto | flash | efficient | cudnn | math
     compile: bool = False  # torch.compile each block (two compiles: joint and single blocks)
     offload_blocks: int = 0  # stream the first N blocks' frozen weights from CPU memory
@@ -240,9 +245,14 @@ class Config:
                 quant.normalize_mode(getattr(self, key), compute=compute)
             except ValueError as e:
                 raise ValueError(f"{key}: {e}") from None
-        parse_size(self.validation_resolution, "validation_resolution")
+        pipeline.parse_size(self.validation_resolution, "validation_resolution")
+        for name in ("seed", "steps", "guidance"):
+            key = f"validation_{name}" if name != "steps" else "validation_num_inference_steps"
+            pipeline.check_setting(name, getattr(self, key), key)
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
-            raise ValueError(f"lora_targets = {self.lora_targets!r}: a list of module-name suffixes")
+            raise ValueError(
+                f"lora_targets = {self.lora_targets!r}: a list of module-name suffixes"
+            )
         if self.offload_blocks and not self.gradient_checkpointing:
             raise ValueError(
                 "offload_blocks needs gradient_checkpointing = true (else every block stays on the GPU)"
@@ -251,21 +261,42 @@ class Config:
             as_list(self.validation_prompt),
             as_list(self.validation_reference),
         )
-        if self.validation_reference and len(self.validation_reference) != len(self.validation_prompt):
-            raise ValueError("validation_prompt and validation_reference need the same number of entries")
+        if self.validation_reference and len(self.validation_reference) != len(
+            self.validation_prompt
+        ):
+            raise ValueError(
+                "validation_prompt and validation_reference need the same number of entries"
+            )
 
 
 # Integer keys and their least value.
-AT_LEAST = {"lora_rank": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1,
-            "checkpointing_steps": 1, "checkpoints_total_limit": 0, "num_train_epochs": 0,
-            "lr_warmup_steps": 0, "validation_steps": 0, "validation_num_inference_steps": 1,
-            "validation_seed": 0, "seed": 0, "validation_preview_steps": 0, "offload_blocks": 0}  # fmt: skip
+AT_LEAST = {
+    "lora_rank": 1,
+    "train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": 1,
+    "checkpointing_steps": 1,
+    "checkpoints_total_limit": 0,
+    "num_train_epochs": 0,
+    "lr_warmup_steps": 0,
+    "validation_steps": 0,
+    "seed": 0,
+    "validation_preview_steps": 0,
+    "offload_blocks": 0,
+}
 # Float keys: (low, high, which ends are allowed: "[" / "]" included, "(" / ")" not).
-RANGES = {"learning_rate": (0, 1, "(]"), "lora_alpha": (0, 1e6, "(]"), "adam_epsilon": (0, 1, "(]"),
-          "lora_dropout": (0, 1, "[)"), "adam_beta1": (0, 1, "[)"), "adam_beta2": (0, 1, "[)"),
-          "caption_dropout_probability": (0, 1, "[]"), "adam_weight_decay": (0, 10, "[]"),
-          "max_grad_norm": (0, 1e6, "[]"), "flow_schedule_shift": (0, 100, "[]"),
-          "validation_guidance": (0, 100, "[]")}  # fmt: skip
+RANGES = {
+    "learning_rate": (0, 1, "(]"),
+    "lora_alpha": (0, 1e6, "(]"),
+    "adam_epsilon": (0, 1, "(]"),
+    "lora_dropout": (0, 1, "[)"),
+    "adam_beta1": (0, 1, "[)"),
+    "adam_beta2": (0, 1, "[)"),
+    "caption_dropout_probability": (0, 1, "[]"),
+    "adam_weight_decay": (0, 10, "[]"),
+    "max_grad_norm": (0, 1e6, "[]"),
+    "flow_schedule_shift": (0, 100, "[]"),
+}
 CHOICES = {
     "lr_scheduler": ("constant", "cosine", "linear"),
     "mixed_precision": ("bf16", "no"),

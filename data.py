@@ -6,7 +6,8 @@ their path inside the folder minus the extension (folders are searched recursive
 images of a pair are resized (cover, Lanczos) and centre-cropped into the bucket nearest the *target's* aspect
 ratio, so a reference never gets a size of its own or a W/H swap and batches > 1 stack (ostris/ai-toolkit#487,
 #707). A dataset that names no reference and is named by none is text-to-image. Buckets follow the official
-recipe's 64-px tables: area ~ resolution², aspect 0.5-2 (SPEC §6). As in SimpleTuner, captions on the
+recipe's 64-px tables: area ~ resolution², aspect 0.5-2 (meituan-longcat/LongCat-Image
+train_examples, its bucket tables). As in SimpleTuner, captions on the
 reference set are optional and, when present, replace the edit set's (a warning says so).
 
 Images are read one way everywhere (`load_rgb`: EXIF rotation applied, transparency composited on white,
@@ -18,7 +19,7 @@ model identity, dtype, the text encoder's precision, CACHE_VERSION), so a change
 precision is a miss, never a stale hit. Latents are stored float32 [16, H/8, W/8]; text embeddings [L, D] in
 the encoder's dtype (~50x larger). An edit embedding sees the reference, so it is keyed by (instruction,
 reference bytes, bucket), and every reference also gets the empty instruction for caption dropout, encoded
-with the real reference as the official recipe does (research/peers.md §4.6, §5, §8). Every entry is read in
+with the real reference as the official recipe does (LongCat-Image train_examples/edit_lora). Every entry is read in
 full and checked (shape, finite values) before it is used; a bad one is named and made again. Writes go to
 `<name>.tmp-<pid>`, then os.replace, so a killed run leaves no half entry under a real name. All latents are
 encoded before any text, so the VAE and the text encoder need not be on the GPU together. Dataset folders are
@@ -35,7 +36,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -45,15 +45,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+import torch.distributed as dist
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm import tqdm
 
+import config
+import files
+import images
+import model as M
+import pipeline
+import quant
+
 CACHE_VERSION = "minicat-data-2"  # bump when this file changes what an entry holds: all entries then miss
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-MAX_PIXELS = 8192 * 8192  # refused before decoding: bigger files are scans or mistakes, and GBs as RGB
-LATENT_CHANNELS, VAE_FACTOR = 16, 8  # the FLUX.1 VAE (SPEC §1)
+LATENT_CHANNELS, VAE_FACTOR = 16, 8  # the FLUX.1 VAE: 16 latent channels, 8x down
 
 
 class DataError(ValueError):
@@ -192,59 +199,6 @@ def _link_roles(datasets: list[DatasetConfig]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Images: read one way, turned into tensors one way; buckets
 
-# Pillow raises DecompressionBombError past 2x its own limit (~179 MP) and only warns between 1x and 2x; our
-# lower limit refuses those first, so no warning filter is needed (catch_warnings is not thread-safe anyway).
-READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-DEEP_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-TRANSPARENT = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-def load_rgb(
-    path: Path, data: bytes | None = None, max_pixels: int = MAX_PIXELS, key: str = ""
-) -> Image.Image:
-    """The image (from data if given, else read) fully decoded, EXIF-rotated, as 8-bit RGB with transparency
-    composited on white. Raises DataError naming the file (after `key`, e.g. "--ref") when it is unreadable,
-    truncated or too large."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may set it; truncated files must fail
-    try:
-        with Image.open(io.BytesIO(data) if data else path) as img:
-            if img.width * img.height > max_pixels:  # from the header, before decoding
-                raise OSError(f"{img.width}x{img.height} is over {max_pixels / 2**20:.0f} MP; downscale it")
-            img.load()  # decodes everything: raises on a truncated file
-            img = ImageOps.exif_transpose(img)
-        if img.mode in DEEP_GREY:  # Pillow's convert would clip 16-bit grey
-            a = np.asarray(img, dtype=np.float64)
-            scale = 257.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0  # 65535 / 257 = 255
-            img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8), "L")
-        if img.mode in TRANSPARENT or "transparency" in img.info:
-            rgba = img.convert("RGBA")  # a plain convert("RGB") shows the colour hidden under clear pixels
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return img.convert("RGB")
-    # ValueError: also a mode Pillow cannot convert to RGB
-    except READ_ERRORS as e:
-        why = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else e
-        raise DataError([f"{key + ' ' if key else ''}{path}: cannot read image ({why})"]) from None
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1], with diffusers' VaeImageProcessor arithmetic."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0)  # (1, H, W, 3)
-    # (1, 3, H, W) viewed, not copied: channels-last in memory like diffusers' tensor, so the VAE's convs pick
-    # the same kernels (in bf16 another memory layout rounds differently)
-    return (2 * x - 1).permute(0, 3, 1, 2)
-
-
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """[1, 3, H, W] in about [-1, 1] -> PIL image, rounded as diffusers does."""
-    x = (x[0] / 2 + 0.5).clamp(0, 1).float().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
-    return Image.fromarray((x * 255).round().astype(np.uint8))
-
-
-def fit(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
-    """Cover the bucket (W, H) and crop the centre; width stays width."""
-    return ImageOps.fit(img, bucket, Image.LANCZOS, centering=(0.5, 0.5))
-
-
 def make_buckets(resolution: int, alignment: int = 64) -> list[tuple[int, int]]:
     """(W, H) on the alignment grid, from tall to wide: for each W the H with W·H closest to resolution²,
     aspect within 0.5-2, and each bucket's transpose too, so portrait and landscape get the same choices."""
@@ -316,9 +270,9 @@ def _inspect(path: Path) -> tuple[str, tuple[int, int]] | str:
     """(sha256, (W, H)) of a fully decoded image, or the problem."""
     try:
         data = path.read_bytes()
-        return hashlib.sha256(data).hexdigest(), load_rgb(path, data).size
-    except DataError as e:
-        return e.problems[0]
+        return hashlib.sha256(data).hexdigest(), images.load_rgb(path, data).size
+    except images.ImageError as e:
+        return str(e)
     except OSError as e:
         return f"{path}: cannot read ({e})"
 
@@ -419,23 +373,6 @@ def read_entry(path: Path, key: str, shape: tuple[int, ...] | None = None) -> to
     return tensor
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], what: str = "") -> None:
-    """write(tmp) next to `path`, then move it into place: readers see the old file or the whole new one,
-    and a failed write (disk full, permissions) leaves nothing behind and ends in one line naming the path."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    # SafetensorError: safetensors' own writer reports a full disk this way
-    except (OSError, SafetensorError) as e:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        tmp.unlink(missing_ok=True)
-        why = getattr(e, "strerror", None) or e
-        raise DataError([f"{path}: cannot write {what}({why}); free disk space or fix permissions"]) from None
-
-
 def _write(path: Path, key: str, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -443,7 +380,7 @@ def _write(path: Path, key: str, tensor: torch.Tensor, metadata: dict[str, str])
             f.flush()
             os.fsync(f.fileno())
 
-    write_atomic(path, write, "the cache entry ")
+    files.write_atomic(path, write, "the cache entry ")
 
 
 def _load_fitted(path: Path, sha: str, bucket: tuple[int, int]) -> Image.Image:
@@ -451,7 +388,7 @@ def _load_fitted(path: Path, sha: str, bucket: tuple[int, int]) -> Image.Image:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha:
         raise DataError([f"{path} changed while caching; run again"])
-    return fit(load_rgb(path, data), bucket)
+    return images.fit(images.load_rgb(path, data), bucket)
 
 
 @dataclass
@@ -559,7 +496,7 @@ def _encode_latents(samples: list[Sample], status: dict[Path, bool], encode, pro
         if not status[path]:
             fitted = _load_fitted(image, s.reference_hash if kind == "reference" else s.target_hash, s.bucket)
             with torch.inference_mode():
-                z = encode(pil_to_tensor(fitted))
+                z = encode(images.pil_to_tensor(fitted))
             assert z.shape == (1, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR), (z.shape, s.bucket)
             _write(path, "latent", z[0].float(), {"source": str(image), "bucket": f"{w}x{h}"})
             status[path], written = True, written + 1
@@ -582,7 +519,8 @@ def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progr
             if s.reference and ref_of is not s:
                 ref, ref_of = _load_fitted(s.reference, s.reference_hash, s.bucket), s
             with torch.inference_mode():
-                t = encode(caption, ref if s.reference else None)
+                where = f"the caption of {s.target}" if caption else ""
+                t = encode(caption, ref if s.reference else None, where)
             assert t.ndim == 3 and t.shape[0] == 1, (caption, t.shape)
             meta = {
                 "source": str(s.reference or s.target),
@@ -690,9 +628,127 @@ def model_identity(path: Path) -> str:
     return f"{path.resolve()}#{h.hexdigest()[:16]}"
 
 
-if __name__ == "__main__":
-    # `python data.py config.toml [--key=value ...]`: train.py's config, checkpoint and encoders, stopping
-    # once the data is checked and cached (one config reader and one model loader for both).
-    import train
 
-    train.main(sys.argv[1:], prepare_only=True)
+
+# ----------------------------------------------------------------------------------------------------------
+# Before training: the data checked, the caches built, the validation inputs encoded
+
+
+def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, list, list, list]:
+    """(checkpoint, datasets, samples, notes, validation set): every data problem surfaces here, first, then
+    those of the checkpoint (its folder and flavour) and of the attention kernels; no model is loaded."""
+    datasets = parse_datasets(cfg.datasets, cfg_dir, cfg.aspect_bucket_alignment)
+    notes = []
+    samples = scan(datasets, notes)
+    ckpt = config.resolve_checkpoint(cfg.pretrained_model_name_or_path, cfg_dir)
+    flavour = M.read_flavour(ckpt)
+    if cfg.model_flavour and (cfg.model_flavour == "edit") != (flavour == "edit"):
+        raise ValueError(f"model_flavour = {cfg.model_flavour!r}, but {ckpt} is a {flavour} checkpoint")
+    cfg.model_flavour = cfg.model_flavour or ("edit" if flavour == "edit" else "final")
+    if wrong := [
+        d.id for d in datasets if d.role != "reference" and (d.role == "edit") != (flavour == "edit")
+    ]:
+        why = "edit sets (with conditioning_data) need LongCat-Image-Edit, t2i sets LongCat-Image"
+        raise DataError(
+            [f"dataset(s) {', '.join(wrong)} do not fit the {flavour} checkpoint {ckpt}: {why}"]
+        )
+    head_dim = M.read_transformer_config(ckpt).attention_head_dim
+    dtype = config.model_dtype(device, cfg.mixed_precision)
+    key = "attention_backend ="
+    config.check_attention(cfg.attention_backend, device, dtype, head_dim, True, key)
+    return ckpt, datasets, samples, notes, validation_set(cfg, cfg_dir, samples, flavour)
+
+
+def validation_set(cfg: config.Config, cfg_dir: Path, samples: list, flavour: str) -> list[dict]:
+    """The validation prompts with their references, read as training reads images. An edit's size
+    keeps its reference's aspect ratio at validation_resolution's area (as validate.py does); a t2i
+    prompt gets validation_resolution itself."""
+    if cfg.validation_steps == 0:
+        return []
+    width, height = pipeline.parse_size(cfg.validation_resolution, "validation_resolution")
+    prompts = cfg.validation_prompt
+    refs = cfg.validation_reference
+    if not prompts:  # the first pair of the (edit) dataset
+        prompts = [samples[0].captions[0]]
+        refs = [str(samples[0].reference)] if samples[0].reference else []
+    if flavour == "edit" and not refs:
+        raise ValueError(
+            "validation_prompt is set but validation_reference is not: an edit needs an image"
+        )
+    val = []
+    for i, prompt in enumerate(prompts):
+        ref = None
+        size = (width, height)
+        if refs:
+            ref = images.load_rgb(cfg_dir / refs[i], key="validation_reference")
+            size = pipeline.edit_size(*ref.size, area=width * height)
+            ref = ref.resize(size, Image.LANCZOS)
+        val.append({"prompt": prompt, "ref_image": ref, "size": size})
+    return val
+
+
+def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> pipeline.Models:
+    """The caches (rank 0 writes, the others check) and the validation inputs, with each encoder
+    loaded at most once: the VAE for every latent first, then the text encoder for every text, which
+    is then freed; the VAE stays, on the CPU, for validation decoding."""
+    options = pipeline.LoadOptions(text_encoder_quant=cfg.text_encoder_precision)
+    models = pipeline.Models(ckpt, device, config.model_dtype(device), options)
+    te_precision = quant.normalize_mode(cfg.text_encoder_precision)
+    dtype = str(models.dtype).removeprefix("torch.")
+
+    def latent(x: torch.Tensor) -> torch.Tensor:
+        return M.to_latent(models.vae(), x.to(device)).cpu()
+
+    def text(prompt: str, ref, where: str = "") -> torch.Tensor:
+        return models.text_encoder().encode(prompt, ref, where).cpu()
+
+    ident = model_identity(ckpt)
+    w, h = max((s.bucket for s in samples), key=lambda b: b[0] * b[1])
+    what = f"caching latents and prompts (buckets up to {w}x{h})"
+    with pipeline.explain_oom(what, config.TRAIN_KNOBS):
+        for v in val:
+            v["ref_latent"] = None
+            if v["ref_image"] is not None:
+                v["ref_latent"] = latent(images.pil_to_tensor(v["ref_image"]))
+        if rank == 0:
+            report = build_caches(
+                datasets, latent, text, ident, dtype, te_precision, samples=samples, notes=notes
+            )
+            print(report.summary())
+        if dist.is_initialized():
+            dist.barrier()
+        if rank != 0:  # the entries rank 0 wrote (a check only)
+            build_caches(
+                datasets, None, None, ident, dtype, te_precision, progress=False, samples=samples
+            )
+        for v in val:  # the negative prompt sees the same reference
+            v["txt"] = text(v["prompt"], v["ref_image"], "validation_prompt")
+            v["neg"] = None
+            if cfg.validation_guidance > 1:
+                v["neg"] = text(cfg.validation_negative_prompt, v["ref_image"])
+    models.drop("text_encoder")
+    models.park()
+    return models
+
+
+def main(argv: list[str]) -> None:
+    """`python data.py config.toml [--key=value ...]`: train.py's config, checkpoint and encoders,
+    stopping once the data is checked and cached, with a report."""
+    if not argv or argv[0].startswith("-"):
+        sys.exit("usage: python data.py config.toml [--key=value ...]")
+    path = Path(argv[0])
+    try:
+        cfg = config.load_config(path, argv[1:])
+        device = config.pick_device(cfg.device, "device =")
+        ckpt, datasets, samples, notes, _ = read_data(cfg, path.resolve().parent, device)
+        prepare_data(cfg, ckpt, datasets, samples, notes, [], 0, device)
+    except (ValueError, OSError) as e:
+        pipeline.close_progress_bars()
+        sys.exit("\n".join(f"error: {line}" for line in str(e).splitlines()))
+    except KeyboardInterrupt:
+        pipeline.close_progress_bars()
+        sys.exit("interrupted")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -543,6 +543,26 @@ def image_ids(h: int, w: int, text_len: int, modality: int, device=None) -> torc
     return torch.stack([torch.full_like(r, modality), r + text_len, c + text_len], dim=-1).reshape(h * w, 3)
 
 
+def image_sequence(
+    noisy: torch.Tensor, references: list[torch.Tensor], text_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transformer's image stream and position ids: the noised target's tokens (modality 1), then
+    each clean reference's tokens. Reference k gets modality 2 + k on the same (row, col) grid as the
+    target: k = 0 is the official edit input exactly; further references are told apart by the first
+    RoPE axis alone, as frames are, and stay aligned with the target pixel for pixel.
+
+    noisy [B, 16, h, w], each reference [B, 16, h, w] -> (tokens [B, N (1 + K), 64],
+    img_ids [N (1 + K), 3], txt_ids [L, 3]) with N = h/2 * w/2 and K references."""
+    _, _, h, w = noisy.shape
+    device = noisy.device
+    tokens = [pack(noisy)]  # (B, N, 64)
+    ids = [image_ids(h // 2, w // 2, text_len, 1, device)]  # (N, 3)
+    for k, ref in enumerate(references):
+        tokens.append(pack(ref.to(noisy.dtype)))
+        ids.append(image_ids(h // 2, w // 2, text_len, 2 + k, device))
+    return torch.cat(tokens, dim=1), torch.cat(ids), text_ids(text_len, device)
+
+
 def shift_mu(seq_len: int, sched: dict) -> float:
     """Resolution-dependent shift: linear in the target token count between the scheduler's two anchors."""
     x0, x1 = sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096)
@@ -697,3 +717,61 @@ def load_vae(path: Path, dtype=torch.float32, device="cpu") -> VAE:
     with torch.device("meta"):
         model = VAE(config)
     return load_weights(model, Path(path) / "vae", dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The released checkpoint folder (diffusers' layout): what it must hold and what it says
+
+PIPELINES = {"LongCatImageEditPipeline": "edit", "LongCatImagePipeline": "t2i"}
+REQUIRED = [
+    "model_index.json",
+    "transformer/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "tokenizer",
+]
+# Where the Qwen2-VL image processor's config may be, in the order it is looked for.
+IMAGE_PROCESSOR_DIRS = ("text_processor", "tokenizer", "text_encoder")
+
+
+def check_checkpoint(path: Path) -> Path:
+    """The folder, if it has every file of the released layout; else a CheckpointError naming the
+    first one missing."""
+    for need in REQUIRED:
+        if not (path / need).exists():
+            raise CheckpointError(f"{path} is not a LongCat-Image checkpoint: {need} is missing")
+    return path
+
+
+def read_flavour(path: Path) -> str:
+    """'edit' or 't2i', from model_index.json's pipeline class."""
+    name = read_json(Path(path) / "model_index.json").get("_class_name")
+    if name not in PIPELINES:
+        raise CheckpointError(
+            f"{path}/model_index.json: _class_name {name!r} is not one of {sorted(PIPELINES)}"
+        )
+    return PIPELINES[name]
+
+
+def read_scheduler(path: Path) -> dict:
+    return read_json(Path(path) / "scheduler/scheduler_config.json")
+
+
+def read_transformer_config(path: Path) -> TransformerConfig:
+    return _from_json(TransformerConfig, Path(path) / "transformer/config.json")
+
+
+def text_encoder_files(path: Path) -> dict[str, Path]:
+    """The Qwen2.5-VL folders: weights (every file's header checked, so a truncated or corrupt one
+    is named here, not deep inside transformers), tokenizer and image processor."""
+    found = [path / d for d in IMAGE_PROCESSOR_DIRS if (path / d / "preprocessor_config.json").exists()]
+    if not found:
+        raise CheckpointError(f"{path}: text_processor/preprocessor_config.json is missing")
+    for f in weight_files(path / "text_encoder"):
+        read_header(f)
+    return {
+        "weights": path / "text_encoder",
+        "tokenizer": path / "tokenizer",
+        "image_processor": found[0],
+    }

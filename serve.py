@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import html
+import ipaddress
 import io
 import json
 import math
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -30,15 +32,14 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from PIL import Image
 
-import data
+import images
+import pipeline
+from pipeline import Settings
 
-if TYPE_CHECKING:  # validate imports this file, never the other way round
-    from validate import Settings
 
 MAX_UPLOAD = 32 * 2**20  # bytes; a camera's JPEG is 5-20 MB
 Render = Callable[..., tuple[Image.Image, list]]
@@ -94,38 +95,78 @@ def text_field(fields: dict, name: str, default: str = "") -> str:
         raise HTTPError(400, f"{name}: not UTF-8 text") from None
 
 
-def number_field(fields: dict, name: str, kind: type, lo: float, hi: float, default: float | None):
-    """An int or float field in lo..hi (NaN and inf fail the comparison); empty or absent: the default."""
+def number_field(fields: dict, name: str, kind: type, default):
+    """An int or float field; empty or absent: the default. Its range is checked by the caller."""
     text = text_field(fields, name).strip()
     if not text:
         return default
     try:
-        value = kind(text)
+        return kind(text)
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise HTTPError(400, f"{name} {text[:30]!r}: not {what}") from None
-    if not lo <= value <= hi:
-        raise HTTPError(400, f"{name} {text[:30]}: must be a number between {lo} and {hi}")
-    return value
 
 
 def read_settings(fields: dict, base: Settings) -> Settings:
-    """The form's numbers over the command line's defaults, checked as validate.py checks its flags."""
-    size = [number_field(fields, k, int, 16, 4096, None) for k in ("width", "height")]
-    for key, value in zip(("width", "height"), size, strict=True):
-        if value is not None and value % 16:
-            raise HTTPError(400, f"{key} {value}: must be a multiple of 16 (e.g. {max(value // 16, 1) * 16})")
-    if (size[0] is None) != (size[1] is None):
+    """The form's numbers over the command line's defaults, held to pipeline.LIMITS as the command
+    line's flags are."""
+    width = number_field(fields, "width", int, None)
+    height = number_field(fields, "height", int, None)
+    if (width is None) != (height is None):
         raise HTTPError(400, "width and height: give both, or neither for the default size")
-    return replace(
+    for key, value in (("width", width), ("height", height)):
+        if value is not None:
+            try:
+                pipeline.check_side(value, key, "page_side")
+            except ValueError as e:
+                raise HTTPError(400, one_line(e)) from None
+    s = replace(
         base,
-        size=tuple(size) if size[0] is not None else base.size,
-        seed=number_field(fields, "seed", int, 0, 2**63 - 1, base.seed),
-        steps=number_field(fields, "steps", int, 1, 1000, base.steps),
-        guidance=number_field(fields, "guidance", float, 0, 100, base.guidance),
+        size=(width, height) if width is not None else base.size,
+        seed=number_field(fields, "seed", int, base.seed),
+        steps=number_field(fields, "steps", int, base.steps),
+        guidance=number_field(fields, "guidance", float, base.guidance),
         negative=text_field(fields, "negative_prompt", base.negative),
-        preview_every=number_field(fields, "preview_every", int, 0, 1000, base.preview_every),
+        preview_every=number_field(fields, "preview_every", int, base.preview_every),
     )
+    try:
+        s.check()
+    except ValueError as e:
+        raise HTTPError(400, one_line(e)) from None
+    return s
+
+
+class Cancelled(Exception):
+    """The server is stopping: the running edit ends at its next sampler step."""
+
+
+def split_host(header: str) -> str:
+    """The host name of a Host header, without its port ("[::1]:7860" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def host_allowed(header: str | None, bound: str) -> bool:
+    """Whether a request's Host header names this server by an address or a loopback name. A page on
+    another site can point its own domain at 127.0.0.1 (DNS rebinding) and then reach this server
+    from the browser; its requests carry that domain as Host, so names other than loopback ones and
+    the machine's own are refused (the usual defence, Jackson et al. 2007, "Protecting Browsers from
+    DNS Rebinding Attacks", sec. 5; Jupyter Server checks Host the same way)."""
+    if not header:
+        return False
+    host = split_host(header)
+    if host in ("localhost", socket.gethostname().lower(), bound.lower()):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name we do not know
+    if address.is_loopback:
+        return True
+    # bound to every interface: any of this machine's addresses may be typed in
+    return bound in ("0.0.0.0", "::", "")
 
 
 class EditServer(ThreadingHTTPServer):
@@ -137,10 +178,13 @@ class EditServer(ThreadingHTTPServer):
         self.render, self.settings, self.flavour, self.max_upload = render, settings, flavour, max_upload
         self.page = page(settings, flavour).encode()
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
         # replaced whole, never mutated, so a poll reads a consistent snapshot without a lock
         self.progress = {"busy": False, "step": 0, "steps": 0, "preview": None}
 
     def on_step(self, step: int, steps: int, preview: Image.Image | None) -> None:
+        if self.stopping.is_set():
+            raise Cancelled()
         url = self.progress["preview"]
         if preview is not None:
             url = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
@@ -156,7 +200,18 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for the polls; 100-continue lets curl learn of a 413 first
     timeout = 120  # seconds a stalled client may hold its thread
 
+    def refuse_foreign_host(self) -> bool:
+        """Answer 403 to a request whose Host is not this server's (see host_allowed)."""
+        host = self.headers.get("Host")
+        if host_allowed(host, self.server.server_address[0]):
+            return False
+        port = self.server.server_address[1]
+        self.reply(403, f"Host {host!r} refused: open the page at http://127.0.0.1:{port}/")
+        return True
+
     def do_GET(self) -> None:
+        if self.refuse_foreign_host():
+            return
         path = urlsplit(self.path).path
         if path == "/":
             self.reply(200, self.server.page, "text/html; charset=utf-8")
@@ -166,19 +221,24 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, "not found: the page is / and the API /api/edit, /api/progress")
 
     def do_POST(self) -> None:
+        if self.refuse_foreign_host():
+            return
         try:
             if urlsplit(self.path).path != "/api/edit":
                 raise HTTPError(404, "not found: POST to /api/edit")
             self.reply(200, self.edit(), "image/png")
         except HTTPError as e:
             self.reply(e.status, e.message)
+        except Cancelled:
+            self.reply(503, "the server is stopping; the edit was cancelled")
         except Exception as e:  # a bug answers 500 and leaves the server running
             self.log_error("%s", f"internal error: {type(e).__name__}: {one_line(e)}")
             self.reply(500, f"internal error: {type(e).__name__}: {one_line(e)}")
 
     def edit(self) -> bytes:
         origin = self.headers.get("Origin")
-        if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+        cross_site = self.headers.get("Sec-Fetch-Site") == "cross-site"
+        if cross_site or (origin and urlsplit(origin).netloc != self.headers.get("Host")):
             raise HTTPError(403, f"requests from {origin} are refused: use the page this server serves")
         fields = parse_form(self.read_body(), self.headers.get("Content-Type", ""))
         prompt = text_field(fields, "prompt")
@@ -195,8 +255,11 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(429, "busy with another edit; try again when it is done")
         try:
             try:  # decoded under the lock: one 64 MP image in memory at a time
-                ref = data.load_rgb(Path(Path(name or "upload").name), data=raw, key="image") if raw else None
-            except data.DataError as e:
+                ref = None
+                if raw:
+                    upload = Path(Path(name or "upload").name)
+                    ref = images.load_rgb(upload, data=raw, key="image")
+            except images.ImageError as e:
                 raise HTTPError(400, one_line(e)) from None
             self.server.progress = {"busy": True, "step": 0, "steps": s.steps, "preview": None}
             try:
@@ -283,6 +346,14 @@ def serve(
         print(f"serving the {flavour} page on {url}{where}; Ctrl-C stops", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
+        # Handler threads are daemons: exiting while one runs torch kernels aborts the process
+        # ("terminate called without an active exception"). Stop the running edit at its next
+        # sampler step and wait for it, then exit normally.
+        server.stopping.set()
+        if server.lock.locked():
+            print("stopping: the running edit ends at its next step", flush=True)
+        server.lock.acquire()
+        server.lock.release()
         print("stopped")
     finally:
         server.server_close()

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import model as M
+import pipeline
 
 TRANSFORMER = M.TransformerConfig(
     num_layers=2,
@@ -62,7 +63,7 @@ SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-# The released scheduler and image processor settings (SPEC §1).
+# The released checkpoints' scheduler/scheduler_config.json and text_processor settings.
 SCHEDULER = dict(
     _class_name="FlowMatchEulerDiscreteScheduler",
     num_train_timesteps=1000,
@@ -105,15 +106,18 @@ def tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    import validate  # the prompt templates
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
-    corpus = [validate.T2I_PREFIX, validate.EDIT_PREFIX, validate.SUFFIX, "make the sky blue, add a red hat"]
+    corpus = [
+        pipeline.T2I_PREFIX,
+        pipeline.EDIT_PREFIX,
+        pipeline.SUFFIX,
+        "make the sky blue, add a red hat",
+    ]
     tok.train_from_iterator(corpus * 3, trainer)
     return Qwen2Tokenizer(
         tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=N train.py config.toml          # data parallel; rank 0 writes and prints
     python train.py examples/tiny.toml                         # a tiny random model, on CPU, in a minute
 
-The recipe is the official one (SPEC §6; meituan-longcat/LongCat-Image train_examples/edit_lora): latents and
+The recipe is the official one (meituan-longcat/LongCat-Image train_examples/edit_lora): latents and
 prompt embeddings are cached first (data.py), then per sample sigma = sigmoid(N(0, 1)) shifted like the
 sampler's schedule, x_t = (1 - sigma) x0 + sigma eps, the reference tokens ride along clean with modality 2,
 and the loss is the MSE between the predicted velocity on the target tokens and eps - x0 (rectified flow,
@@ -43,8 +43,9 @@ import config
 import data
 import lora
 import model as M
-import quant
-import validate
+import files
+import images
+import pipeline
 
 try:
     import fcntl
@@ -56,13 +57,6 @@ RUN_KEYS = (
     "model_flavour lora_rank lora_alpha lora_targets train_batch_size gradient_accumulation_steps seed "
     "aspect_bucket_alignment"
 ).split()
-# What lowers memory, for the out-of-memory message.
-TRAIN_KNOBS = (
-    'base_model_precision = "int8", text_encoder_precision = "int8", a smaller dataset resolution, a lower '
-    "lora_rank, checkpoint_keep_attention = false, train_batch_size = 1 or offload_blocks = N"
-)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -79,19 +73,16 @@ def sample_sigmas(
 
 
 def flow_loss(transformer, x0, reference, text, sigma, noise) -> torch.Tensor:
-    """Rectified flow on one batch: x_t = (1 - s) x0 + s eps; the model predicts eps - x0 on the target
-    tokens, with the clean reference tokens appended (modality 2). x0, reference, noise [B, 16, h, w] and
-    sigma [B] in float32, text [B, L, D]; inputs cast to the model's dtype, the MSE in float32."""
-    B, _, h, w = x0.shape
+    """Rectified flow on one batch: x_t = (1 - s) x0 + s eps; the model predicts eps - x0 on the
+    target tokens, with the clean reference tokens appended (model.image_sequence). x0, reference,
+    noise [B, 16, h, w] and sigma [B] in float32, text [B, L, D]; inputs cast to the model's dtype,
+    the MSE in float32."""
     s = sigma[:, None, None, None]
-    tokens, ids = M.pack((1 - s) * x0 + s * noise), M.image_ids(h // 2, w // 2, text.shape[1], 1, x0.device)
-    if reference is not None:
-        tokens = torch.cat([tokens, M.pack(reference)], dim=1)  # (B, 2N, 64)
-        ids = torch.cat([ids, M.image_ids(h // 2, w // 2, text.shape[1], 2, x0.device)])
+    noisy = (1 - s) * x0 + s * noise
+    references = [] if reference is None else [reference]
+    tokens, img_ids, txt_ids = M.image_sequence(noisy, references, text.shape[1])
     dtype = transformer.x_embedder.weight.dtype
-    pred = transformer(
-        tokens.to(dtype), text.to(dtype), sigma.to(dtype), ids, M.text_ids(text.shape[1], x0.device)
-    )
+    pred = transformer(tokens.to(dtype), text.to(dtype), sigma.to(dtype), img_ids, txt_ids)
     target = M.pack(noise - x0)  # (B, N, 64)
     return F.mse_loss(pred[:, : target.shape[1]].float(), target.float())
 
@@ -134,21 +125,13 @@ def lr_factor(step: int, cfg: config.Config) -> float:
 # Checkpoints: complete and verified, or not used; never mixed across runs; moved aside, never deleted
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict) -> Path:
     """checkpoints/step-NNNNNN: the LoRA as trained and as shared, AdamW states, RNG, loader position, run
     identity, and last a manifest of every file's size and sha256. Also refreshes the shared LoRA file in
     output_dir and removes this run's oldest checkpoints beyond checkpoints_total_limit."""
     final = out / "checkpoints" / f"step-{step:06d}"
     if final.exists():  # left by a run this one does not continue from
-        move_aside([final], "superseded")
+        files.move_aside([final], "superseded")
     names = {p: n for n, p in transformer.named_parameters() if p.requires_grad}
     states = {f"{names[p]}.{k}": v.contiguous() for p, st in opt.state.items() for k, v in st.items()}
 
@@ -160,15 +143,18 @@ def save_checkpoint(out: Path, step: int, transformer, opt, loader, cfg: config.
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         state = {"step": step, "loader": loader.state_dict(), "run": run, "config": dataclasses.asdict(cfg)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=2))
+        listing = {
+            f.name: {"bytes": f.stat().st_size, "sha256": files.file_digest(f)}
+            for f in sorted(tmp.iterdir())
+        }
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": listing}, indent=2))
 
-    data.write_atomic(final, write, "the checkpoint ")
+    files.write_atomic(final, write, "the checkpoint ")
     done = [p for p, _ in checkpoints(out)]
     for old in done[: max(0, len(done) - cfg.checkpoints_total_limit)] if cfg.checkpoints_total_limit else []:
         shutil.rmtree(old)  # this run's own, verified, beyond the limit the config asks for
     shared = out / "pytorch_lora_weights.safetensors"
-    data.write_atomic(shared, lambda tmp: shutil.copyfile(final / shared.name, tmp), "the LoRA ")
+    files.write_atomic(shared, lambda tmp: shutil.copyfile(final / shared.name, tmp), "the LoRA ")
     return final
 
 
@@ -177,7 +163,7 @@ def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         for name, f in manifest["files"].items():
-            if (path / name).stat().st_size != f["bytes"] or file_digest(path / name) != f["sha256"]:
+            if (path / name).stat().st_size != f["bytes"] or files.file_digest(path / name) != f["sha256"]:
                 return f"{name} is damaged (its size or sha256 differs from the manifest)"
         state = json.loads((path / "state.json").read_text())
     except FileNotFoundError as e:
@@ -196,13 +182,6 @@ def checkpoints(out: Path) -> list[tuple[Path, int]]:
     return sorted(((p, int(s)) for p, s in found if s.isdigit()), key=lambda ps: ps[1])
 
 
-def move_aside(paths: list[Path], why: str) -> None:
-    """Rename each to `<name>.<why>-<time>` beside it: out of the way of this run, and kept."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for p in paths:
-        p.rename(p.with_name(f"{p.name}.{why}-{stamp}"))
-
-
 def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None, list[str]]:
     """The checkpoint to continue from, and warnings: the one named (refused unless it verifies and is of
     this run), or with "latest" the newest that verifies (those skipped are named). Checkpoints after it,
@@ -219,7 +198,7 @@ def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None
                 break
             notes.append(f"checkpoint {path} is {problem}: skipped, moved aside")
     step = json.loads((chosen / "state.json").read_text())["step"] if chosen is not None else 0
-    move_aside([p for p, s in checkpoints(out) if s > step], "superseded")
+    files.move_aside([p for p, s in checkpoints(out) if s > step], "superseded")
     return chosen, notes
 
 
@@ -278,7 +257,7 @@ def start_over(out: Path, run: dict, cfg: config.Config) -> None:
             "output_dir, or set overwrite_output_dir = true to start over (the old run's files move aside)"
         )
     names = "checkpoints validation loss.jsonl loss.png pytorch_lora_weights.safetensors run.json".split()
-    move_aside([out / n for n in names if (out / n).exists()], "old")
+    files.move_aside([out / n for n in names if (out / n).exists()], "old")
 
 
 class LossLog:
@@ -290,7 +269,7 @@ class LossLog:
         rows = self.rows()
         if len(rows) != step or any(r["step"] > step for r in rows):
             kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-            data.write_atomic(path, lambda tmp: tmp.write_text(kept), "the loss log ")
+            files.write_atomic(path, lambda tmp: tmp.write_text(kept), "the loss log ")
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -310,62 +289,6 @@ class LossLog:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:
             raise ValueError(f"{self.path}: cannot write ({e.strerror or e}); free disk space") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loss curve, with its axes (Pillow only)
-
-
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    span = (hi - lo) or abs(hi) or 1.0
-    unit = 10 ** math.floor(math.log10(span / n))
-    unit *= next(m for m in (1, 2, 5, 10) if span / (unit * m) <= n)
-    first = math.ceil(lo / unit - 1e-9) * unit
-    return [first + i * unit for i in range(int((hi - first) / unit + 1e-9) + 1)]
-
-
-def plot_losses(rows: list[dict], png: Path) -> None:
-    """loss.png: the loss at every step (light), its running mean (dark) on the left axis, the learning
-    rate (orange) on the right axis, steps along the bottom."""
-    from PIL import Image, ImageDraw
-
-    if len(rows) < 2:
-        return
-    W, H, left, right, top, bottom = 900, 440, 74, 78, 34, 46
-    steps, losses, lrs = ([r[k] for r in rows] for k in ("step", "loss", "lr"))
-    smooth, acc = [], losses[0]
-    for v in losses:
-        acc = 0.9 * acc + 0.1 * v
-        smooth.append(acc)
-    lo, hi, lr_hi = min(losses), max(losses), max(lrs) or 1.0
-    pad = 0.05 * ((hi - lo) or abs(hi) or 1.0)
-    lo, hi = lo - pad, hi + pad
-
-    def x(s: float) -> float:
-        return left + (s - steps[0]) / ((steps[-1] - steps[0]) or 1) * (W - left - right)
-
-    def y(v: float, v0: float = lo, v1: float = hi) -> float:
-        return H - bottom - (v - v0) / ((v1 - v0) or 1) * (H - top - bottom)
-
-    img = Image.new("RGB", (W, H), "white")
-    d, face = ImageDraw.Draw(img), validate.font(12)
-    d.rectangle([left, top, W - right, H - bottom], outline=(120, 120, 120))
-    for s in nice_ticks(steps[0], steps[-1], 8):
-        d.line([(x(s), H - bottom), (x(s), H - bottom + 4)], fill="black")
-        d.text((x(s) - 10, H - bottom + 6), f"{s:g}", fill="black", font=face)
-    for v in nice_ticks(lo, hi, 6):
-        d.line([(left - 4, y(v)), (W - right, y(v))], fill=(225, 225, 225))
-        d.text((4, y(v) - 7), f"{v:.4g}", fill="black", font=face)
-    for v in nice_ticks(0.0, lr_hi, 5):
-        d.text((W - right + 6, y(v, 0.0, lr_hi) - 7), f"{v:.2g}", fill=(200, 110, 0), font=face)
-    d.line([(x(s), y(v)) for s, v in zip(steps, losses, strict=True)], fill=(170, 190, 230), width=1)
-    d.line([(x(s), y(v)) for s, v in zip(steps, smooth, strict=True)], fill=(20, 60, 160), width=2)
-    d.line([(x(s), y(v, 0.0, lr_hi)) for s, v in zip(steps, lrs, strict=True)], fill=(230, 140, 20), width=1)
-    title = f"loss {losses[0]:.4f} -> {smooth[-1]:.4f} (running mean), steps {steps[0]}-{steps[-1]}"
-    d.text((left, 10), title + "; learning rate in orange, right axis", fill="black", font=face)
-    d.text((W // 2 - 14, H - 20), "step", fill="black", font=face)
-    data.write_atomic(png, lambda tmp: img.save(tmp, format="PNG"), "the loss curve ")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,115 +321,29 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, list, list, list]:
-    """(checkpoint, datasets, samples, notes, validation set): every data problem surfaces here, first, then
-    those of the checkpoint (its folder and flavour) and of the attention kernels; no model is loaded."""
-    datasets = data.parse_datasets(cfg.datasets, cfg_dir, cfg.aspect_bucket_alignment)
-    notes = []
-    samples = data.scan(datasets, notes)
-    ckpt = config.resolve_checkpoint(cfg.pretrained_model_name_or_path, cfg_dir)
-    flavour = config.read_flavour(ckpt)
-    if cfg.model_flavour and (cfg.model_flavour == "edit") != (flavour == "edit"):
-        raise ValueError(f"model_flavour = {cfg.model_flavour!r}, but {ckpt} is a {flavour} checkpoint")
-    cfg.model_flavour = cfg.model_flavour or ("edit" if flavour == "edit" else "final")
-    if wrong := [
-        d.id for d in datasets if d.role != "reference" and (d.role == "edit") != (flavour == "edit")
-    ]:
-        why = "edit sets (with conditioning_data) need LongCat-Image-Edit, t2i sets LongCat-Image"
-        raise data.DataError(
-            [f"dataset(s) {', '.join(wrong)} do not fit the {flavour} checkpoint {ckpt}: {why}"]
-        )
-    head_dim = M.read_json(ckpt / "transformer/config.json").get("attention_head_dim", 128)
-    dtype, key = train_dtype(cfg, device), "attention_backend ="
-    config.check_attention_backend(cfg.attention_backend, device, dtype, head_dim, True, key)
-    return ckpt, datasets, samples, notes, validation_set(cfg, cfg_dir, samples, flavour)
-
-
-def validation_set(cfg: config.Config, cfg_dir: Path, samples: list, flavour: str) -> list[dict]:
-    """The validation prompts with their references read (as training reads images) at validation size."""
-    from PIL import Image
-
-    if cfg.validation_steps == 0:
-        return []
-    size = config.parse_size(cfg.validation_resolution, "validation_resolution")
-    prompts, refs = cfg.validation_prompt, cfg.validation_reference
-    if not prompts:  # the first pair of the (edit) dataset
-        prompts, refs = [samples[0].captions[0]], [str(samples[0].reference)] if samples[0].reference else []
-    if flavour == "edit" and not refs:
-        raise ValueError("validation_prompt is set but validation_reference is not: an edit needs an image")
-    val = []
-    for i, prompt in enumerate(prompts):
-        ref = data.load_rgb(cfg_dir / refs[i], key="validation_reference") if refs else None
-        val.append(
-            {"prompt": prompt, "ref_image": ref.resize(size, Image.LANCZOS) if ref else None, "size": size}
-        )
-    return val
-
-
-def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> validate.Models:
-    """The caches (rank 0 writes, the others check) and the validation inputs, with each encoder loaded at
-    most once: the VAE for every latent first, then the text encoder for every text, which is then freed;
-    the VAE stays, on the CPU, for validation decoding."""
-    weights = validate.Weights(te_quant=cfg.text_encoder_precision)
-    models = validate.Models(ckpt, device, config.default_dtype(device), weights)
-    te, dtype = quant.normalize_mode(cfg.text_encoder_precision), str(models.dtype).removeprefix("torch.")
-
-    def latent(x: torch.Tensor) -> torch.Tensor:
-        return M.to_latent(models.vae(), x.to(device)).cpu()
-
-    def text(prompt: str, ref) -> torch.Tensor:
-        return models.text_encoder().encode(prompt, ref).cpu()
-
-    ident, (w, h) = data.model_identity(ckpt), max((s.bucket for s in samples), key=lambda b: b[0] * b[1])
-    with validate.stage(f"caching latents and prompts (buckets up to {w}x{h})", TRAIN_KNOBS):
-        for v in val:
-            v["ref_latent"] = latent(data.pil_to_tensor(v["ref_image"])) if v["ref_image"] else None
-        if rank == 0:
-            print(
-                data.build_caches(
-                    datasets, latent, text, ident, dtype, te, samples=samples, notes=notes
-                ).summary()
-            )
-        if dist.is_initialized():
-            dist.barrier()
-        if rank != 0:  # the entries rank 0 wrote (a check only)
-            data.build_caches(datasets, None, None, ident, dtype, te, progress=False, samples=samples)
-        for v in val:  # the negative prompt sees the same reference
-            v["txt"], v["neg"] = text(v["prompt"], v["ref_image"]), None
-            if cfg.validation_guidance > 1:
-                v["neg"] = text(cfg.validation_negative_prompt, v["ref_image"])
-    models.drop("text_encoder")
-    models.park()
-    return models
-
-
-def train_dtype(cfg: config.Config, device: torch.device) -> torch.dtype:
-    """The base's and the activations' dtype: bfloat16 on a GPU with mixed_precision = "bf16" (no autocast:
-    fewer casts; LoRA weights and AdamW stay float32), else float32 (the CPU emulates bf16)."""
-    return torch.bfloat16 if device.type != "cpu" and cfg.mixed_precision == "bf16" else torch.float32
-
-
 def build_transformer(cfg: config.Config, ckpt: Path, device: torch.device):
-    """The base (quantized while it loads) with a float32 LoRA on top; only the LoRA trains."""
-    dtype = train_dtype(cfg, device)
-    quant.check_device(quant.normalize_mode(cfg.base_model_precision), device)
-    where = "cpu" if cfg.offload_blocks else device  # offloaded blocks stay in (pinned) CPU memory
-    with validate.stage("loading the transformer", TRAIN_KNOBS):
-        transformer = M.load_transformer(
-            ckpt, dtype, where, convert=validate.quantizer(cfg.base_model_precision)
+    """The base (quantized while it loads) with a float32 LoRA on top; only the LoRA trains.
+    Returns (transformer in train mode, the trainable parameters)."""
+
+    def add_lora(transformer: M.LongCatTransformer) -> None:
+        transformer.gradient_checkpointing = cfg.gradient_checkpointing
+        transformer.checkpoint_keep_attention = cfg.checkpoint_keep_attention
+        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
+        lora.inject_lora(
+            transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout
         )
-    transformer.gradient_checkpointing = cfg.gradient_checkpointing
-    transformer.checkpoint_keep_attention = cfg.checkpoint_keep_attention
-    torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
-    lora.inject_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
-    lora.mark_only_lora_as_trainable(transformer)
-    if cfg.offload_blocks:
-        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        transformer.offload = quant.offload_blocks(blocks, cfg.offload_blocks, device)
-    with validate.stage("moving the transformer to the GPU", TRAIN_KNOBS):
-        transformer.to(device)
-    if cfg.compile:
-        transformer.compile_blocks()
+        lora.mark_only_lora_as_trainable(transformer)
+
+    transformer = pipeline.build_transformer(
+        ckpt,
+        device,
+        config.model_dtype(device, cfg.mixed_precision),
+        quant_mode=cfg.base_model_precision,
+        adapt=add_lora,
+        offload_blocks=cfg.offload_blocks,
+        compile=cfg.compile,
+        knobs=config.TRAIN_KNOBS,
+    )
     return transformer.train(), [p for p in transformer.parameters() if p.requires_grad]
 
 
@@ -552,32 +389,42 @@ def train_step(
 
 
 def run_validation(
-    transformer, models: validate.Models, val: list, cfg: config.Config, step: int, out: Path
+    transformer, models: pipeline.Models, val: list, cfg: config.Config, step: int, out: Path
 ) -> None:
-    """validation/step-NNNNNN.png: each prompt sampled from validation_seed (the training RNG untouched)."""
-    vae, rows = models.vae(), []
+    """validation/step-NNNNNN.png: each prompt sampled from validation_seed (the training RNG
+    untouched), one captioned row per prompt: reference | previews | result."""
+    vae = models.vae()
+    rows = []
     transformer.eval()
     for v in val:
-        s = validate.Settings(
-            v["size"],
-            cfg.validation_seed,
-            cfg.validation_num_inference_steps,
-            cfg.validation_guidance,
-            cfg.validation_negative_prompt,
+        s = pipeline.Settings(
+            size=v["size"],
+            seed=cfg.validation_seed,
+            steps=cfg.validation_num_inference_steps,
+            guidance=cfg.validation_guidance,
+            negative=cfg.validation_negative_prompt,
             preview_every=cfg.validation_preview_steps,
         )
-        ref = v["ref_latent"].to(models.device) if v["ref_latent"] is not None else None
-        with validate.stage(f"validation at step {step}", TRAIN_KNOBS):
-            image, previews = validate.generate(
-                transformer, vae, v["txt"], v["neg"], models.sched, s, ref, progress=False
+        refs = []
+        if v["ref_latent"] is not None:
+            refs = [v["ref_latent"].to(models.device)]
+        with pipeline.explain_oom(f"validation at step {step}", config.TRAIN_KNOBS):
+            image, previews = pipeline.generate(
+                transformer, vae, v["txt"], v["neg"], models.sched, s, refs, progress=False
             )
-        images = [("reference", v["ref_image"])] if v["ref_image"] else []
-        images += [(f"sampler step {k}", im) for k, im in previews] + [("result", image)]
-        rows.append((f"{v['prompt']}  |  training step {step}, seed {s.seed}, guidance {s.guidance}", images))
+        row = []
+        if v["ref_image"] is not None:
+            row.append(("reference", v["ref_image"]))
+        for k, preview in previews:
+            row.append((f"sampler step {k}", preview))
+        row.append(("result", image))
+        caption = f"{v['prompt']}  |  training step {step}, seed {s.seed}, guidance {s.guidance}"
+        rows.append((caption, row))
     transformer.train()
     models.park()
-    grid, path = validate.validation_grid(rows), out / "validation" / f"step-{step:06d}.png"
-    data.write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"), "the validation grid ")
+    grid = images.validation_grid(rows)
+    path = out / "validation" / f"step-{step:06d}.png"
+    files.write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"), "the validation grid ")
 
 
 def stop_non_finite(out: Path, step: int, loss: float, norm: float, run: dict) -> FloatingPointError:
@@ -585,11 +432,11 @@ def stop_non_finite(out: Path, step: int, loss: float, norm: float, run: dict) -
     the weights that gave it, so it is moved aside; the one named is the newest whose weights gave a finite
     loss, and the shared LoRA file is set back to it."""
     bad = [p for p, s in checkpoints(out) if s >= step]
-    move_aside(bad, "nonfinite")
+    files.move_aside(bad, "nonfinite")
     good = next((p for p, _ in reversed(checkpoints(out)) if verify_checkpoint(p, run) is None), None)
     if good is not None:
         shared = out / "pytorch_lora_weights.safetensors"
-        data.write_atomic(shared, lambda tmp: shutil.copyfile(good / shared.name, tmp), "the LoRA ")
+        files.write_atomic(shared, lambda tmp: shutil.copyfile(good / shared.name, tmp), "the LoRA ")
     return FloatingPointError(
         f"the loss is {loss} (gradient norm {norm}) at step {step + 1}: it was not applied; the last good "
         f"checkpoint is {good or 'none'}"
@@ -618,23 +465,21 @@ def claim_output_dir(out: Path, run: dict, cfg: config.Config, rank: int) -> Pat
 def begin_log(out: Path, run: dict, cfg: config.Config, step: int, resume: Path | None, note: str) -> LossLog:
     """run.json, config.json and the loss log (cut back to `step`), by rank 0, which says what runs."""
     print(f"resumed from {resume} at step {step}; {note}" if resume else note)
-    data.write_atomic(out / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2)), "")
+    files.write_atomic(out / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2)), "")
     resolved = json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
-    data.write_atomic(out / "config.json", lambda tmp: tmp.write_text(resolved), "")
+    files.write_atomic(out / "config.json", lambda tmp: tmp.write_text(resolved), "")
     return LossLog(out / "loss.jsonl", step)
 
 
-def train(cfg: config.Config, cfg_dir: Path, prepare_only: bool = False) -> torch.nn.Module | None:
+def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
     """The whole run; returns the transformer with its trained LoRA (on every rank)."""
     rank, world, device = setup_distributed(cfg.device)
-    ckpt, datasets, samples, notes, val = read_data(cfg, cfg_dir, device)
-    if prepare_only:  # python data.py config.toml
-        prepare_data(cfg, ckpt, datasets, samples, notes, [], rank, device)
-        return None
+    ckpt, datasets, samples, notes, val = data.read_data(cfg, cfg_dir, device)
+    M.set_attention_backend(cfg.attention_backend)
     out, run = (cfg_dir / Path(cfg.output_dir).expanduser()).resolve(), run_identity(cfg, ckpt, world)
     with OutputLock(out) if rank == 0 else nullcontext():
         resume = claim_output_dir(out, run, cfg, rank)
-        models = prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
+        models = data.prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
         transformer, params = build_transformer(cfg, ckpt, device)
         per_gpu = cfg.train_batch_size * cfg.gradient_accumulation_steps
         loader = data.Loader(samples, per_gpu, cfg.seed, rank, world)
@@ -652,7 +497,7 @@ def train(cfg: config.Config, cfg_dir: Path, prepare_only: bool = False) -> torc
                 break
             opt.zero_grad(set_to_none=True)
             where = f"training step {step + 1} ({'x'.join(map(str, batch['bucket']))}, {per_gpu} per GPU)"
-            with validate.stage(where, f"{TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"):
+            with pipeline.explain_oom(where, f"{config.TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"):
                 loss, norm = train_step(transformer, batch, step, cfg, models.sched, params, device)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # checked before the update: never applied
                 raise stop_non_finite(out, step, loss, norm, run) if rank == 0 else FloatingPointError(loss)
@@ -667,7 +512,7 @@ def train(cfg: config.Config, cfg_dir: Path, prepare_only: bool = False) -> torc
                 bar.update()
                 if step % cfg.checkpointing_steps == 0 or step == max_steps:
                     last = save_checkpoint(out, step, transformer, opt, loader, cfg, run)
-                    plot_losses(log.rows(), out / "loss.png")
+                    images.plot_losses(log.rows(), out / "loss.png")
                 if val and (step % cfg.validation_steps == 0 or step == max_steps):
                     run_validation(transformer, models, val, cfg, step, out)
         bar.close()
@@ -679,18 +524,19 @@ def train(cfg: config.Config, cfg_dir: Path, prepare_only: bool = False) -> torc
     return transformer
 
 
-def main(argv: list[str] | None = None, prepare_only: bool = False) -> None:
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         sys.exit("usage: python train.py config.toml [--key=value ...]   (keys: see config.toml and README)")
     try:
-        train(config.load_config(Path(argv[0]), argv[1:]), Path(argv[0]).resolve().parent, prepare_only)
+        cfg = config.load_config(Path(argv[0]), argv[1:])
+        train(cfg, Path(argv[0]).resolve().parent)
     # DataError, CheckpointError and OutOfMemory are ValueErrors: a message per line, no traceback
     except (ValueError, FloatingPointError, OSError) as e:
-        validate.end_progress()
+        pipeline.close_progress_bars()
         sys.exit("\n".join(f"error: {line}" for line in str(e).splitlines()))
     except KeyboardInterrupt:
-        validate.end_progress()
+        pipeline.close_progress_bars()
         sys.exit("interrupted: run the same command again to resume from the last checkpoint")
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import config  # noqa: E402
+import model as M  # noqa: E402
 import tiny  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def diffusers_pipeline(path: Path, dtype=None):
 
     dtype = dtype or torch.float32
     proc = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    cls = LongCatImageEditPipeline if config.read_flavour(path) == "edit" else LongCatImagePipeline
+    cls = LongCatImageEditPipeline if M.read_flavour(path) == "edit" else LongCatImagePipeline
     return cls(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),

@@ -31,9 +31,14 @@ def small(tmp_path_factory) -> tuple[dict, str]:
     return json.loads(path.read_text()), proc.stdout
 
 
-def test_help_names_the_commands():
-    out = run_script("bench.py", "--help").stdout
-    assert all(flag in out for flag in ("--released", "--small", "--plan", "--peak-tflops", "--compile")), out
+def test_mfu_uses_the_named_gpus_peak_and_says_where_it_comes_from():
+    assert bench.peak_flops("NVIDIA H200") == (989.0, "H200, dense bf16")
+    # "H100 PCIe" is looked up before "H100": the longer name wins
+    assert bench.peak_flops("NVIDIA H100 PCIe") == (756.0, "H100 PCIe, dense bf16")
+    assert bench.peak_flops("NVIDIA B200")[0] == 2250.0
+    peak, why = bench.peak_flops("Some Future GPU")
+    assert peak == 989.0 and "--peak-tflops" in why, why
+    assert bench.peak_flops("NVIDIA H200", 500.0) == (500.0, "--peak-tflops")
 
 
 def test_released_small_writes_every_measurement(small):

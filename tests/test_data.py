@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import ROOT, assert_one_line_error, run_script  # noqa: E402
 
 import data  # noqa: E402
+import images  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 
@@ -46,7 +47,7 @@ class Encoders:
         assert x.dtype == torch.float32 and x.shape[:2] == (1, 3) and -1 <= x.min() and x.max() <= 1
         return F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]  # (1, 16, H/8, W/8)
 
-    def text(self, prompt: str, ref: Image.Image | None) -> torch.Tensor:
+    def text(self, prompt: str, ref: Image.Image | None, where: str = "") -> torch.Tensor:
         self.text_calls += 1
         key = prompt.encode() + (ref.tobytes() + bytes(str(ref.size), "ascii") if ref else b"")
         g = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:8], 16))
@@ -155,7 +156,7 @@ def test_any_mode_becomes_sensible_rgb(tmp_path, mode, value, expected):
         expected = (0, 0, 255)
     path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
     img.save(path)
-    rgb = data.load_rgb(path)
+    rgb = images.load_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == (8, 8)
     assert np.abs(np.asarray(rgb, dtype=int) - np.array(expected)).max() <= 2, np.asarray(rgb)[0, 0]
 
@@ -171,7 +172,7 @@ def test_exif_rotation_is_applied_before_bucketing(tmp_path):
     samples = {s.target.name: s for s in data.scan(parse(cfg, tmp_path))}
     assert samples["rot.jpg"].size == (48, 96) and samples["rot.jpg"].bucket == (48, 96)
     assert samples["plain.jpg"].size == (96, 48) and samples["plain.jpg"].bucket == (96, 48)
-    assert data.load_rgb(tmp_path / "edit/rot.jpg").size == (48, 96)
+    assert images.load_rgb(tmp_path / "edit/rot.jpg").size == (48, 96)
 
 
 def test_truncated_and_unreadable_images_are_all_named(tmp_path):
@@ -189,11 +190,11 @@ def test_truncated_and_unreadable_images_are_all_named(tmp_path):
 
 
 def test_truncated_files_fail_even_if_another_library_allowed_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(images.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     save_image(tmp_path / "full.jpg", (64, 64))
     (tmp_path / "t.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:-300])
-    with pytest.raises(data.DataError, match="t.jpg: cannot read image"):
-        data.load_rgb(tmp_path / "t.jpg")
+    with pytest.raises(images.ImageError, match="t.jpg: cannot read image"):
+        images.load_rgb(tmp_path / "t.jpg")
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -209,8 +210,8 @@ def png_header(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("size", [(9000, 9000), (30000, 30000)])  # ours, then Pillow's bomb limit too
 def test_oversized_images_are_refused_before_decoding(tmp_path, size):
     (tmp_path / "big.png").write_bytes(png_header(*size))
-    with pytest.raises(data.DataError, match="big.png: cannot read image"):
-        data.load_rgb(tmp_path / "big.png")
+    with pytest.raises(images.ImageError, match="big.png: cannot read image"):
+        images.load_rgb(tmp_path / "big.png")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_bad_values_are_named(tmp_path, change, message):
     with pytest.raises(data.DataError) as e:
         parse(cfg, tmp_path)
     assert len(e.value.problems) == 1 and "dataset 'edits'" in errors(e), errors(e)
-    assert message is None or message in errors(e), errors(e)
+    assert message in errors(e), errors(e)
 
 
 def test_missing_and_empty_folders_are_named(tmp_path):
@@ -484,14 +485,19 @@ def test_cli_reports_problems_in_one_line_each(tmp_path, capsys, problem):
     config = write_toml(tmp_path, cfg, 'pretrained_model_name_or_path = "/nonexistent/checkpoint"')
     if problem == "bad toml":
         config.write_text(config.read_text() + "resolution = = 3\n")
-    with pytest.raises(
-        SystemExit
-    ) as stop:  # `python data.py config.toml` is train.py stopping after the data
-        train.main([str(config)], prepare_only=True)
+    with pytest.raises(SystemExit) as stop:  # `python data.py config.toml`
+        data.main([str(config)])
     lines = str(stop.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    expected = {"orphan": "b.png", "truncated": "a.png", "unknown key": "caption_strategy", "bad toml": "at"}
+    expected = {
+        "orphan": "b.png",
+        "truncated": "a.png",
+        "unknown key": "caption_strategy",
+        "bad toml": f"{config}: ",  # the file, then the parser's "(at line N, column M)"
+    }
     assert expected[problem] in lines[0], lines[0]
+    if problem == "bad toml":
+        assert "(at line" in lines[0], lines[0]
     assert not (tmp_path / "cache").exists()  # checked before any model or cache work
 
 
@@ -509,7 +515,7 @@ def test_cli_builds_with_a_tiny_checkpoint_then_reuses_everything(tmp_path, caps
     config = write_toml(tmp_path, cfg, 'pretrained_model_name_or_path = "ckpt"\naspect_bucket_alignment = 32')
     for expected in ("0 reused, 10 written", "10 reused, 0 written"):  # 2 x (2 latents, 2 captions, "")
         capsys.readouterr()
-        train.main([str(config)], prepare_only=True)
+        data.main([str(config)])
         out = capsys.readouterr()
         assert expected in out.out, out.err[-2000:]
     model_id = data.model_identity(tmp_path / "ckpt")
@@ -598,7 +604,7 @@ def test_every_latent_is_encoded_before_any_text(tmp_path):
         order.append("latent")
         return enc.latents(x)
 
-    def text(prompt, ref):
+    def text(prompt, ref, where=""):
         order.append("text")
         return enc.text(prompt, ref)
 

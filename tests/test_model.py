@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend
 import config
 import lora
 import model as M
-import validate
+import pipeline
 
 DIFFUSERS_TINY = dict(
     patch_size=1,
@@ -183,7 +183,7 @@ def test_schedule_matches_diffusers_scheduler(tiny_edit, steps, seq_len):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_shift
 
-    sched = config.read_scheduler(tiny_edit)
+    sched = M.read_scheduler(tiny_edit)
     s = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_edit, subfolder="scheduler")
     mu = calculate_shift(seq_len, 256, 4096, sched["base_shift"], sched["max_shift"])
     s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
@@ -195,7 +195,7 @@ def test_schedule_matches_diffusers_scheduler(tiny_edit, steps, seq_len):
 def test_edit_size_is_diffusers_one_megapixel_rule(size):
     from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 
-    assert validate.edit_size(*size) == calculate_dimensions(1024 * 1024, size[0] * 1.0 / size[1])
+    assert pipeline.edit_size(*size) == calculate_dimensions(1024 * 1024, size[0] * 1.0 / size[1])
 
 
 def test_loader_names_the_missing_file(tiny_edit, tmp_path):

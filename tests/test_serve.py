@@ -3,11 +3,15 @@ as a script would; the PNG it sends is the one validate.py writes."""
 
 import base64
 import functools
-import inspect
 import io
 import json
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -15,11 +19,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import validate_cli
+from conftest import ROOT, validate_cli
 from PIL import Image
 
+import pipeline
 import serve
-import validate
 
 PROMPT = "make the 'sky' purple"
 
@@ -85,12 +89,12 @@ def fake_render(prompt, ref, s, on_step=None, progress=True):
 
 @pytest.fixture(scope="module")
 def models(tiny_edit):
-    return validate.Models(tiny_edit, "cpu", torch.float32, validate.Weights(), keep=True)
+    return pipeline.Models(tiny_edit, "cpu", torch.float32, pipeline.LoadOptions(), keep=True)
 
 
 @pytest.fixture(scope="module")
 def server(models):
-    with running(functools.partial(validate.render, models), validate.Settings(size=None, steps=2)) as s:
+    with running(functools.partial(pipeline.render, models), pipeline.Settings(size=None, steps=2)) as s:
         yield s
 
 
@@ -105,8 +109,8 @@ def test_page_has_the_form(server):
 
 
 def test_t2i_page_has_no_image_field_and_generates(tiny_t2i):
-    models = validate.Models(tiny_t2i, "cpu", torch.float32, validate.Weights(), keep=True)
-    with running(functools.partial(validate.render, models), validate.Settings(steps=1), "t2i") as server:
+    models = pipeline.Models(tiny_t2i, "cpu", torch.float32, pipeline.LoadOptions(), keep=True)
+    with running(functools.partial(pipeline.render, models), pipeline.Settings(steps=1), "t2i") as server:
         page = request(server, "/")[2].decode()
         assert 'name="image"' not in page and 'name="prompt"' in page and ">Generate</button>" in page
         status, content_type, body = post(server, prompt="a cat", width=32, height=48, guidance=1)
@@ -157,7 +161,6 @@ def test_too_many_pixels_is_a_400(server):
 
 
 def test_a_too_large_upload_is_a_413(server):
-    assert serve.MAX_UPLOAD == 32 * 2**20
     status, _, body = post(server, image=b"\0" * (serve.MAX_UPLOAD + 1), prompt=PROMPT)
     assert status == 413 and b"32 MB" in body, (status, body)
 
@@ -199,7 +202,7 @@ def test_a_second_request_while_one_runs_is_a_429():
         assert release.wait(30)
         return fake_render(prompt, ref, s)
 
-    with running(slow_render, validate.Settings(size=(32, 32), steps=2)) as server:
+    with running(slow_render, pipeline.Settings(size=(32, 32), steps=2)) as server:
         first = []
         thread = threading.Thread(target=lambda: first.append(post(server, image=png(), prompt=PROMPT)))
         thread.start()
@@ -214,7 +217,7 @@ def test_a_second_request_while_one_runs_is_a_429():
 
 def test_progress_counts_the_steps_and_shows_previews(models):
     seen = []
-    render = functools.partial(validate.render, models)
+    render = functools.partial(pipeline.render, models)
 
     def spying_render(prompt, ref, s, on_step=None, progress=True):
         def spy(step, steps, preview):
@@ -223,7 +226,7 @@ def test_progress_counts_the_steps_and_shows_previews(models):
 
         return render(prompt, ref, s, spy, progress)
 
-    with running(spying_render, validate.Settings(size=None, steps=3, guidance=1)) as server:
+    with running(spying_render, pipeline.Settings(size=None, steps=3, guidance=1)) as server:
         assert get_progress(server) == {"busy": False, "step": 0, "steps": 0, "preview": None}
         status, _, body = post(server, image=png(), prompt=PROMPT, width=64, height=48, preview_every=1)
         assert status == 200, body
@@ -244,9 +247,9 @@ def test_a_failed_generation_is_one_line_and_the_server_carries_on(capfd):
     def failing_render(prompt, ref, s, on_step=None, progress=True):
         if prompt == "bug":
             raise RuntimeError("something deep\nbroke")
-        raise validate.OutOfMemory(OOM)
+        raise pipeline.OutOfMemory(OOM)
 
-    with running(failing_render, validate.Settings(size=(32, 32), steps=2)) as server:
+    with running(failing_render, pipeline.Settings(size=(32, 32), steps=2)) as server:
         status, _, body = post(server, image=png(), prompt=PROMPT)
         assert status == 422 and body == (OOM + "\n").encode(), body
         status, _, body = post(server, image=png(), prompt="bug")
@@ -263,17 +266,109 @@ def test_a_post_from_another_site_is_refused(server):
 
 
 def test_the_default_host_is_loopback(monkeypatch, capsys):
-    for fn in (serve.make_server, serve.serve):
-        assert inspect.signature(fn).parameters["host"].default == "127.0.0.1", fn
-    server = serve.make_server(fake_render, validate.Settings(), port=0)
+    server = serve.make_server(fake_render, pipeline.Settings(), port=0)
     assert server.server_address[0] == "127.0.0.1"
     server.server_close()
     # serve() prints the URL and takes Ctrl-C as the normal way to stop
     monkeypatch.setattr(serve.EditServer, "serve_forever", serve_forever_interrupted)
-    serve.serve(fake_render, validate.Settings(), port=0)
+    serve.serve(fake_render, pipeline.Settings(), port=0)
     out = capsys.readouterr().out
     assert "http://127.0.0.1:" in out and "stopped" in out, out
 
 
 def serve_forever_interrupted(self, poll_interval=0.5):
     raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:7860", "127.0.0.1.nip.io"])
+def test_a_foreign_host_name_is_refused_for_every_request(server, host):
+    """DNS rebinding: a site whose name resolves to 127.0.0.1 reaches the server with its own name as
+    Host; neither the page, the progress (its previews) nor the API answer it."""
+    port = server.server_address[1]
+    for path, body in (("/", None), ("/api/progress", None), ("/api/edit", form(prompt=PROMPT))):
+        data = body[0] if body else None
+        headers = {"Host": host}
+        if body:
+            headers["Content-Type"] = body[1]
+        status, _, reply = request(server, path, data, headers)
+        assert status == 403 and f"http://127.0.0.1:{port}/".encode() in reply, (path, status, reply)
+    for good in ("127.0.0.1", f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert request(server, "/", None, {"Host": good})[0] == 200, good
+
+
+def test_a_cross_site_fetch_is_refused_even_without_an_origin(server):
+    body, content_type = form(image=png(), prompt=PROMPT)
+    headers = {"Content-Type": content_type, "Sec-Fetch-Site": "cross-site"}
+    status, _, reply = request(server, "/api/edit", body, headers)
+    assert status == 403, (status, reply)
+
+
+def test_ctrl_c_during_an_edit_stops_cleanly(tiny_edit, tmp_path):
+    """SIGINT while an edit samples: the edit is cancelled at its next step, the process says it
+    stopped and exits by itself (it used to abort: rc 134, 'terminate called without an active
+    exception')."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        ROOT / "validate.py",
+        "--serve",
+        "--model",
+        tiny_edit,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, proc)
+        body, content_type = form(image=png((256, 256)), prompt=PROMPT, steps=400)
+        url = f"http://127.0.0.1:{port}/api/edit"
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+        answer = {}
+
+        def send() -> None:
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    answer["status"] = r.status
+            except urllib.error.HTTPError as e:
+                answer["status"] = e.code
+            except OSError as e:
+                answer["error"] = e
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        deadline = time.time() + 120
+        while True:  # wait until it samples
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/progress", timeout=10) as r:
+                if json.loads(r.read())["step"] >= 1:
+                    break
+            assert time.time() < deadline, "the edit never started sampling"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        thread.join(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (proc.returncode, err[-2000:])
+    assert "terminate called" not in err and "Traceback" not in err, err[-2000:]
+    assert "stopped" in out, out
+    assert answer.get("status") == 503 or "error" in answer, answer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing listens on {port} after {seconds} s")

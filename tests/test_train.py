@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import shutil
+import random
 import signal
 import subprocess
 import sys
@@ -23,9 +24,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import config
-import data
+import images
 import lora
 import model as M
+import pipeline
 import train
 import validate
 
@@ -123,10 +125,16 @@ def test_a_kill_at_any_moment_resumes_bit_identically(tiny_edit, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, ROOT / "train.py", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 120
-    while not (tmp_path / "b/out/checkpoints/step-000004").exists() and time.time() < deadline:
+    # a different moment each run (printed, to replay one): mid-step, mid-checkpoint or mid-log line
+    delay = random.Random().uniform(0.0, 1.0)
+    print(f"kill -9 {delay:.3f} s after checkpoint step-000004 appeared")
+    deadline = time.time() + 300
+    while not (tmp_path / "b/out/checkpoints/step-000004").exists():
+        assert proc.poll() is None, "the run ended before its step-4 checkpoint"
+        assert time.time() < deadline, "the run did not reach its step-4 checkpoint in 300 s"
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(delay)
+    assert proc.poll() is None, "the run finished before the kill: nothing was tested"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     train_cli(cfg)
@@ -150,22 +158,23 @@ def test_validation_does_not_change_training_and_shows_captions_and_previews(tin
     grids = sorted((tmp_path / "b/out/validation").glob("*.png"))
     assert len(grids) == 3
     grid = np.asarray(Image.open(grids[-1]))
-    # reference | preview at sampler step 2 | result, 64 px each, under a caption of dark text
-    assert grid.shape[1] == 3 * 64 and grid.shape[0] > 64 + 20
+    # reference | preview at sampler step 2 | result under a caption of dark text, each at the
+    # reference's 3:2 aspect with 64x64's area, sides rounded up to 16: sqrt(4096 * 1.5) = 78.4 -> 80
+    assert grid.shape[1] == 3 * 80 and grid.shape[0] > 64 + 20, grid.shape
     assert (grid[:20].min(axis=2) < 100).sum() > 50, "the caption is written above the row"
 
 
 def test_the_loss_curve_has_a_point_per_step_its_mean_and_the_learning_rate(tmp_path):
     rows = [{"step": s, "loss": 1.0 + 0.3 * np.sin(s), "lr": 1e-3 * min(1, s / 10)} for s in range(1, 41)]
-    train.plot_losses(rows, tmp_path / "loss.png")
+    images.plot_losses(rows, tmp_path / "loss.png")
     img = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB")).astype(int)
 
     def has(colour):
         return (np.abs(img - colour).sum(axis=2) < 30).sum()
 
     assert has((20, 60, 160)) > 200 and has((230, 140, 20)) > 100 and has((170, 190, 230)) > 100
-    assert train.nice_ticks(1, 40, 8) == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert train.nice_ticks(0.0, 1e-3, 5) == pytest.approx([0, 2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert images.nice_ticks(1, 40, 8) == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert images.nice_ticks(0.0, 1e-3, 5) == pytest.approx([0, 2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
 
 
 def test_it_learns_one_pair_and_sampling_moves_toward_the_target(tiny_edit, tmp_path):
@@ -189,19 +198,19 @@ def test_it_learns_one_pair_and_sampling_moves_toward_the_target(tiny_edit, tmp_
     assert np.mean(loss[-20:]) < 0.75 * np.mean(loss[:5]), (np.mean(loss[:5]), np.mean(loss[-20:]))
 
     # Sample the pair's edit with and without the LoRA: the LoRA must bring the result closer to the target.
-    te, vae = validate.load_text_encoder(tiny_edit, torch.float32), M.load_vae(tiny_edit)
+    te, vae = pipeline.load_text_encoder(tiny_edit, torch.float32), M.load_vae(tiny_edit)
     w, h = 160, 96  # 192x128 sits in its own bucket at 128 px resolution
-    ref = data.load_rgb(pairs / "ref/circle.png").resize((w, h), Image.LANCZOS)
-    target = data.load_rgb(pairs / "edit/circle.png").resize((w, h))
+    ref = images.load_rgb(pairs / "ref/circle.png").resize((w, h), Image.LANCZOS)
+    target = images.load_rgb(pairs / "edit/circle.png").resize((w, h))
     with torch.no_grad():
         txt = te.encode("make the circle red", ref)
-        ref_z, target_z = (M.to_latent(vae, data.pil_to_tensor(im)) for im in (ref, target))
-    sigmas = M.schedule(8, (h // 16) * (w // 16), config.read_scheduler(tiny_edit))
-    noise = validate.initial_noise(0, h, w, torch.float32)
+        ref_z, target_z = (M.to_latent(vae, images.pil_to_tensor(im)) for im in (ref, target))
+    sigmas = M.schedule(8, (h // 16) * (w // 16), M.read_scheduler(tiny_edit))
+    noise = pipeline.initial_noise(0, h, w, torch.float32)
     transformer = M.load_transformer(tiny_edit, torch.float32)
-    before = validate.sample(transformer, noise, txt, None, sigmas, 1.0, ref=ref_z, progress=False)
+    before = pipeline.sample(transformer, noise, txt, None, sigmas, 1.0, refs=[ref_z], progress=False)
     lora.load_lora(transformer, tmp_path / "out/pytorch_lora_weights.safetensors")
-    after = validate.sample(transformer, noise, txt, None, sigmas, 1.0, ref=ref_z, progress=False)
+    after = pipeline.sample(transformer, noise, txt, None, sigmas, 1.0, refs=[ref_z], progress=False)
     d_before, d_after = (before - target_z).square().mean(), (after - target_z).square().mean()
     assert d_after < 0.7 * d_before, (d_before.item(), d_after.item())
 
@@ -254,7 +263,7 @@ def test_diffusers_applies_the_trained_lora_as_validate_does(tiny_edit, tmp_path
     original, edit.calculate_dimensions = edit.calculate_dimensions, lambda area, ratio: (160, 160)
     try:
         g = torch.Generator().manual_seed(0)
-        want = pipe(data.load_rgb(ref), "add a sun", num_inference_steps=3, generator=g).images[0]
+        want = pipe(images.load_rgb(ref), "add a sun", num_inference_steps=3, generator=g).images[0]
     finally:
         edit.calculate_dimensions = original
     got = Image.open(tmp_path / "lora.png")
@@ -264,7 +273,7 @@ def test_diffusers_applies_the_trained_lora_as_validate_does(tiny_edit, tmp_path
 
 def test_encoders_are_read_once_per_run_whatever_the_samples_and_prompts(tiny_edit, tmp_path, monkeypatch):
     reads = {"vae": 0, "text_encoder": 0}
-    for owner, name in ((M, "vae"), (validate, "text_encoder")):
+    for owner, name in ((M, "vae"), (pipeline, "text_encoder")):
         load = getattr(owner, f"load_{name}")
 
         def counted(*args, _load=load, _name=name, **kwargs):
@@ -473,7 +482,10 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tiny_edit,
         (["--lora_dropout=1.5"], "lora_dropout = 1.5: must be in [0, 1)"),
         (["--validation_resolution=abc"], "validation_resolution 'abc': expected WxH"),
         (["--attention_backend=fast"], "attention_backend = 'fast': choose one of auto"),
-        (["--attention_backend=cudnn"], "attention_backend = 'cudnn': not available on cpu"),
+        (
+            ["--attention_backend=cudnn", "--device=cpu"],
+            "attention_backend = 'cudnn': not available on cpu",
+        ),
         (
             ["--offload_blocks=2", "--gradient_checkpointing=false"],
             "offload_blocks needs gradient_checkpointing",

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import lora
 import model as M
+import pipeline
 import validate
 
 
@@ -64,20 +65,20 @@ PROMPTS = [
 def test_quote_splitting_matches_diffusers(prompt):
     from diffusers.pipelines.longcat_image.pipeline_longcat_image import split_quotation
 
-    assert validate.split_quotes(prompt) == split_quotation(prompt)
+    assert pipeline.split_quotes(prompt) == split_quotation(prompt)
 
 
 def test_quoted_text_is_tokenised_by_character(tiny_edit):
-    te = validate.load_text_encoder(tiny_edit, torch.float32)
+    te = pipeline.load_text_encoder(tiny_edit, torch.float32)
     assert len(te.ids("blue")) < 4  # the tiny BPE merges this word ...
     ids = te.tokenize("make it 'blue'")
     assert ids == te.ids("make it ") + [i for ch in "'blue'" for i in te.ids(ch)]  # ... but not when quoted
-    assert len(te.tokenize("word " * 600)) == validate.MAX_PROMPT_TOKENS
+    assert len(te.tokenize("word " * 600)) == pipeline.MAX_PROMPT_TOKENS
 
 
 @pytest.fixture(scope="module")
 def edit_pair(tiny_edit):
-    return validate.load_text_encoder(tiny_edit, torch.float32), diffusers_pipeline(tiny_edit)
+    return pipeline.load_text_encoder(tiny_edit, torch.float32), diffusers_pipeline(tiny_edit)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:4])
@@ -96,7 +97,7 @@ def test_edit_prompt_embeddings_match_diffusers(edit_pair, prompt, size):
 
 
 def test_t2i_prompt_embeddings_match_diffusers(tiny_t2i):
-    te, pipe = validate.load_text_encoder(tiny_t2i, torch.float32), diffusers_pipeline(tiny_t2i)
+    te, pipe = pipeline.load_text_encoder(tiny_t2i, torch.float32), diffusers_pipeline(tiny_t2i)
     for prompt in PROMPTS:
         want, _ = pipe.encode_prompt(prompt=prompt)
         got = te.encode(prompt)
@@ -212,7 +213,9 @@ def test_the_seed_and_the_prompt_change_the_image(tiny_t2i, tmp_path):
     validate_cli(prompt="a blue fox", seed=1, out=tmp_path / "2.png", **common)
     a, b, c = (pixels(tmp_path / f"{i}.png") for i in range(3))
     # a new seed is new noise; a new prompt moves a tiny random model only a little, but it moves it
-    assert psnr(a, b) < 30 and not np.array_equal(a, c), (psnr(a, b), psnr(a, c))
+    changed = (a != c).any(axis=-1).mean()  # the share of pixels the prompt moved
+    assert psnr(a, b) < 30, psnr(a, b)
+    assert changed > 0.2 and psnr(a, c) < 60, (changed, psnr(a, c))
 
 
 def peft_lora_file(ckpt, folder, rank=4, alpha=8, seed=0):
@@ -357,7 +360,7 @@ def bad_lora(kind: str, tmp_path):
         (dict(steps=0), "--steps 0: must be between 1 and 1000"),
         (dict(seed=-1), "--seed -1: must be between"),
         (dict(device="bogus"), "--device 'bogus': not a device"),
-        (dict(device="cuda"), "--device 'cuda': not available here"),
+        (dict(device="cuda:99"), "--device 'cuda:99': not available here"),
         (dict(out="{tmp}/file.txt/o.png"), "cannot write there"),
         (dict(quant="int4"), "--quant: unknown quantization mode 'int4'"),
     ],
@@ -373,9 +376,8 @@ def test_bad_input_is_one_line_before_any_model_loads(tiny_edit, tmp_path, extra
         args[key] = value.format(tmp=tmp_path) if isinstance(value, str) else value
     proc = validate_cli(**{k: v for k, v in args.items() if v is not None}, check=False)
     assert_one_line_error(proc, message.format(tmp=tmp_path))
-    assert "Loading weights" not in proc.stderr and "sampling" not in proc.stderr, (
-        proc.stderr
-    )  # nothing loaded
+    printed = proc.stdout + proc.stderr  # tqdm's bars go to stdout, transformers' to stderr
+    assert "Loading weights" not in printed and "sampling" not in printed, printed  # nothing loaded
     assert not (tmp_path / "o.png").exists()
 
 
@@ -425,7 +427,7 @@ def test_a_non_finite_result_is_an_error_not_a_black_picture(tiny_t2i, tmp_path)
 def count_reads(monkeypatch) -> dict[str, int]:
     """Count every read of each model from disk (model.py's loaders and validate's text encoder loader)."""
     reads = {"vae": 0, "transformer": 0, "text_encoder": 0}
-    for owner, name in ((M, "vae"), (M, "transformer"), (validate, "text_encoder")):
+    for owner, name in ((M, "vae"), (M, "transformer"), (pipeline, "text_encoder")):
         load = getattr(owner, f"load_{name}")
 
         def counted(*args, _load=load, _name=name, **kwargs):
@@ -438,10 +440,10 @@ def count_reads(monkeypatch) -> dict[str, int]:
 
 def test_each_model_is_read_once_however_many_images(tiny_edit, tmp_path, monkeypatch):
     reads = count_reads(monkeypatch)
-    models = validate.Models(tiny_edit, "cpu", torch.float32, validate.Weights())
+    models = pipeline.Models(tiny_edit, "cpu", torch.float32, pipeline.LoadOptions())
     ref = Image.open(reference(tmp_path / "r.png", 64, 64))
-    settings = validate.Settings((64, 64), steps=1)
-    first = [validate.render(models, p, ref, settings, progress=False)[0] for p in ("a", "b", "a")]
+    settings = pipeline.Settings((64, 64), steps=1)
+    first = [pipeline.render(models, p, ref, settings, progress=False)[0] for p in ("a", "b", "a")]
     assert reads == {"vae": 1, "transformer": 1, "text_encoder": 1} == dict(models.loads), reads
     assert np.array_equal(np.asarray(first[0]), np.asarray(first[2]))  # the same request, the same bytes
 
