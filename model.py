@@ -275,6 +275,79 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+class BlockOffload:
+    """The frozen weights of some blocks, kept in (pinned) CPU memory and copied to the device only while
+    their block is in use. LongCatTransformer._run drives it and knows the direction: going forward it
+    fetches block i before it runs and starts copying block i + 1, on a side stream, while i computes;
+    in the backward pass a hook on block i's output fetches i again before its recomputation and starts
+    copying i - 1. The copies are made outside the checkpointed region, so the forward pass and the
+    recomputation run the same ops (selective checkpointing replays them by order). Trainable tensors
+    (LoRA) stay on the device. Without checkpointing a training step keeps every block's weights alive
+    for the backward pass and saves nothing. On a CPU "device" the copies are plain copies, which is how
+    the tests hold it to bit-identity."""
+
+    def __init__(self, blocks: list[nn.Module], device):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.host: dict[int, list] = {}  # block -> [(module, "_parameters"/"_buffers", name, CPU copy)]
+        self.pending: dict[int, tuple] = {}  # block -> (device copies, CUDA event or None)
+        self.installed: int | None = None  # the block whose weights are on the device now
+        for i, block in enumerate(blocks):
+            self.host[i] = []
+            for m in block.modules():
+                for kind in ("_parameters", "_buffers"):
+                    slots = getattr(m, kind)
+                    for name, t in list(slots.items()):
+                        if t is None or t.requires_grad:
+                            continue
+                        cpu = t.detach().cpu()
+                        if cuda:  # pinned on the chosen GPU: the current one may be another
+                            with torch.cuda.device(self.device):
+                                cpu = cpu.pin_memory()
+                        self.host[i].append((m, kind, name, cpu))
+                        slots[name] = None  # idle: nothing on the device; .to() and state_dict() skip it
+
+    def fetch(self, i: int, ahead: int) -> None:
+        """Put block i's weights in place (taking its prefetched copy, or copying now), then start copying
+        block `ahead`'s. Blocks that are not offloaded are skipped; the prefetch still starts."""
+        if i in self.host and self.installed != i:
+            if self.installed is not None:
+                self.release(self.installed)
+            self._start(i)
+            copies, event = self.pending.pop(i)
+            stream = None if event is None else torch.cuda.current_stream(self.device)
+            if stream is not None:
+                stream.wait_event(event)
+            for (m, kind, name, _), t in zip(self.host[i], copies, strict=True):
+                if stream is not None:  # made on the side stream, used on this one: keep the allocator off it
+                    t.record_stream(stream)
+                getattr(m, kind)[name] = nn.Parameter(t, requires_grad=False) if kind == "_parameters" else t
+            self.installed = i
+        self._start(ahead)
+
+    def release(self, i: int) -> None:
+        """Drop block i's device weights (autograd keeps what a backward pass saved; the rest is freed)."""
+        if self.installed == i:
+            for m, kind, name, _ in self.host[i]:
+                getattr(m, kind)[name] = None
+            self.installed = None
+
+    def _start(self, i: int) -> None:
+        """Begin copying block i's weights to the device (on the side stream when there is one)."""
+        if i in self.pending or i not in self.host or i == self.installed:
+            return
+        if self.stream is None:
+            self.pending[i] = ([t.to(self.device, copy=True) for *_, t in self.host[i]], None)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            copies = [t.to(self.device, non_blocking=True) for *_, t in self.host[i]]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.pending[i] = (copies, event)
+
+
 class LongCatTransformer(nn.Module):
     """The LongCat-Image MM-DiT (root of transformer/*.safetensors)."""
 
@@ -297,6 +370,7 @@ class LongCatTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, c.in_channels)
         self.gradient_checkpointing = False  # recompute each block in the backward pass ...
         self.checkpoint_keep_attention = False  # ... except its attention output
+        self.offload: BlockOffload | None = None  # offload_blocks(): some blocks' weights live on the CPU
 
     def forward(self, img, txt, sigma, img_ids, txt_ids) -> torch.Tensor:
         """img [B, N, 64], txt [B, L, joint_attention_dim], sigma [B] in [0, 1], img_ids [N, 3],
@@ -304,22 +378,51 @@ class LongCatTransformer(nn.Module):
         img, txt = self.x_embedder(img), self.context_embedder(txt)
         temb = self.time_embed.timestep_embedder(sigma.to(img.dtype) * 1000, img.dtype)  # (B, D)
         cos, sin = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # (L+N, head_dim), once
-        for block in self.transformer_blocks:
-            img, txt = self._run(block, img, txt, temb, cos, sin)
+        for i, block in enumerate(self.transformer_blocks):
+            img, txt = self._run(i, block, img, txt, temb, cos, sin)
         x = torch.cat([txt, img], dim=1)  # (B, L+N, D): the single blocks see one stream
-        for block in self.single_transformer_blocks:
-            x = self._run(block, x, temb, cos, sin)
+        for i, block in enumerate(self.single_transformer_blocks, start=len(self.transformer_blocks)):
+            x = self._run(i, block, x, temb, cos, sin)
         scale, shift = self.norm_out(temb.to(x.dtype))
         return self.proj_out(modulate(x[:, txt.shape[1] :], shift, scale))
 
-    def _run(self, block: nn.Module, *args):
-        """One block, checkpointed when training with gradient_checkpointing on."""
-        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
-            return block(*args)
-        kw = {}
-        if self.checkpoint_keep_attention:
-            kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
-        return checkpoint(block, *args, use_reentrant=False, **kw)
+    def _run(self, i: int, block: nn.Module, *args):
+        """Block i, checkpointed when training with gradient_checkpointing on. With offloaded blocks, its
+        weights are fetched before it runs and dropped after it, outside the checkpointed region."""
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        if self.offload is not None:
+            self.offload.fetch(i, ahead=i + 1)  # going forward, block i + 1 runs next
+        if checkpointed:
+            kw = {}
+            if self.checkpoint_keep_attention:
+                kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
+            out = checkpoint(block, *args, use_reentrant=False, **kw)
+        else:
+            out = block(*args)
+        if self.offload is not None:
+            self.offload.release(i)
+            if checkpointed:
+                self._fetch_before_recompute(i, out)
+        return out
+
+    def _fetch_before_recompute(self, i: int, out) -> None:
+        """The backward pass recomputes block i once the gradient of its output is ready: a hook on that
+        output fetches the block's weights first (and starts on block i - 1, which comes next). A tensor
+        hook runs before the node that produced the tensor (torch.Tensor.register_hook), so the weights
+        are in place when the recomputation starts; it may fire once per output, the first one fetches."""
+        offload = self.offload
+        for t in out if isinstance(out, tuple) else (out,):
+            if t.requires_grad:
+                t.register_hook(lambda grad: offload.fetch(i, ahead=i - 1))
+
+    def offload_blocks(self, n: int, device) -> None:
+        """Keep the frozen weights of the first n blocks in CPU memory, streamed to `device` while each runs
+        (BlockOffload). Call it after LoRA is injected, on a model loaded on the CPU, then .to(device):
+        the offloaded weights never reach the device whole."""
+        blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
+        if not 0 < n <= len(blocks):
+            raise ValueError(f"offload_blocks = {n}: choose 1 to {len(blocks)}, the model's number of blocks")
+        self.offload = BlockOffload(blocks[:n], device)
 
     def compile_blocks(self) -> None:
         """Regional compilation: each block compiled on its own; the joint blocks share one compiled graph and

@@ -1,5 +1,5 @@
-"""Fitting a frozen base into less GPU memory: int8 / fp8 weights quantized while the checkpoint loads, fp8
-compute, and block offload.
+"""Fitting a frozen base into less GPU memory: int8 / fp8 weights quantized while the checkpoint loads, and
+fp8 compute.
 
 LoRA training never updates the base weights, so they can be stored in 8 bits and expanded to the compute
 dtype one layer at a time, right before the matmul (weight-only quantization; LLM.int8() without the
@@ -30,10 +30,6 @@ and `QuantLinear.load_float_weight(w)` re-quantizes a float weight into the laye
 fp8 compute ("fp8-compute": fp8 weights, and on fp8 tensor cores, Ada / Hopper): the activations are also
 rounded to e4m3 with one scale per token and `torch._scaled_mm` multiplies the codes, y = (x_q @ q^T) s_x s_w
 + b in the compute dtype; the input gradient is computed from the expanded weight (gradients stay bf16).
-
-Block offload (`offload_blocks`): the frozen tensors of the first N blocks live in pinned CPU memory and are
-copied to the GPU on a side stream just before each block runs (the next one is prefetched while the current
-one computes), and dropped after it; trainable (LoRA) tensors stay on the GPU.
 
 Mode names: "int8", "fp8", "fp8-compute", "none"; SimpleTuner's "int8-quanto", "fp8-torchao" and
 "no_change" are aliases.
@@ -209,7 +205,7 @@ class QuantLinear(nn.Module):
         # Module.to(dtype) casts every floating tensor, and e4m3 counts as floating: cast the codes back
         # (exact, since every e4m3 value is representable in bf16/fp16/fp32) so the weight stays 8-bit.
         super()._apply(fn, recurse)
-        if self.weight.dtype != QDTYPE[self.mode]:
+        if self.weight is not None and self.weight.dtype != QDTYPE[self.mode]:  # None: offloaded
             self.weight = self.weight.to(QDTYPE[self.mode])
         return self
 
@@ -235,83 +231,6 @@ def quantize_model(model: nn.Module, mode: str, targets: list[str] | tuple[str, 
         owner = model.get_submodule(parent)
         setattr(owner, leaf, QuantLinear.from_linear(getattr(owner, leaf), mode))
     return len(chosen)
-
-
-class BlockOffload:
-    """Keep the frozen weights of some blocks in (pinned) CPU memory and stream each block's to the GPU just
-    before it runs, on a side stream, while the block before it computes; they are dropped again when it is
-    done. Trainable tensors (LoRA) stay on the GPU. Works with gradient checkpointing: the recomputation in
-    the backward pass fetches the block again (in reverse order, prefetching backwards); such a recomputation
-    may stop before the block's end, so a block is also released when the next one is fetched. Without
-    checkpointing a training step keeps every block's weights alive for the backward pass and saves nothing.
-    On a CPU "device" the copies are plain copies, which is how the tests hold it to bit-identity."""
-
-    def __init__(self, blocks: list[nn.Module], offloaded: list[int], device):
-        self.blocks, self.device, self.last, self.installed = blocks, torch.device(device), -1, None
-        self.offloaded = sorted(offloaded)
-        cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.host: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}  # block -> (module, name, cpu)
-        self.pending: dict[int, tuple[list[torch.Tensor], object]] = {}  # block -> (device copies, event)
-        for i in self.offloaded:
-            self.host[i] = []
-            for m in blocks[i].modules():
-                for name, t in [*m._parameters.items(), *m._buffers.items()]:
-                    if t is None or t.requires_grad:
-                        continue
-                    m._parameters.pop(name, None)  # a frozen parameter becomes a buffer: same state_dict key
-                    m._buffers[name] = None  # idle: nothing on the device; .to() skips it
-                    cpu = t.detach().cpu()
-                    self.host[i].append((m, name, cpu.pin_memory() if cuda else cpu))
-            blocks[i].register_forward_pre_hook(self._before)
-            blocks[i].register_forward_hook(self._after)
-
-    def _start(self, i: int) -> None:
-        """Begin copying block i's weights to the device (on the side stream when there is one)."""
-        if i in self.pending or i not in self.host:
-            return
-        if self.stream is None:
-            self.pending[i] = ([t.to(self.device, copy=True) for _, _, t in self.host[i]], None)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            copies = [t.to(self.device, non_blocking=True) for _, _, t in self.host[i]]
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.pending[i] = (copies, event)
-
-    def _before(self, block: nn.Module, args) -> None:
-        i = next(k for k in self.offloaded if self.blocks[k] is block)
-        if self.installed not in (None, i):  # a recomputation stopped early skips _after: release it here
-            self._release(self.installed)
-        self._start(i)
-        copies, event = self.pending.pop(i)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-        for (m, name, _), t in zip(self.host[i], copies, strict=True):
-            if event is not None:  # made on the side stream, used on this one: keep the allocator off it
-                t.record_stream(torch.cuda.current_stream(self.device))
-            m._buffers[name] = t
-        self.installed = i
-        step = 1 if i >= self.last else -1  # forward, or the backward pass's recomputation
-        self.last = i
-        ahead = [k for k in self.offloaded if (k - i) * step > 0]
-        if ahead:
-            self._start(min(ahead) if step > 0 else max(ahead))
-
-    def _after(self, block: nn.Module, args, output) -> None:
-        self._release(next(k for k in self.offloaded if self.blocks[k] is block))
-
-    def _release(self, i: int) -> None:
-        for m, name, _ in self.host[i]:
-            m._buffers[name] = None  # autograd keeps what the backward pass saved; the rest is freed
-        self.installed = None if self.installed == i else self.installed
-
-
-def offload_blocks(blocks: list[nn.Module], n: int, device) -> BlockOffload:
-    """Stream the frozen weights of the first n of `blocks` from CPU memory (BlockOffload)."""
-    assert 0 < n <= len(blocks), f"offload_blocks {n}: the model has {len(blocks)} blocks"
-    return BlockOffload(blocks, list(range(n)), device)
 
 
 def weight_bytes(model: nn.Module) -> int:
