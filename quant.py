@@ -62,14 +62,6 @@ def normalize_mode(name: str, compute: bool = True) -> str:
     return mode
 
 
-def check_device(mode: str, device) -> None:
-    """fp8-compute needs fp8 tensor cores on CUDA (Ada, Hopper and newer: compute capability 8.9+)."""
-    device = torch.device(device)
-    if mode == "fp8-compute" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(f"fp8-compute needs fp8 tensor cores (compute capability 8.9+), not {name}; use fp8")
-
-
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scale): per-output-row symmetric quantization of a float (out, in) weight, on w's device.
@@ -118,25 +110,31 @@ class _QuantLinearFn(torch.autograd.Function):
         return grad_x, None, None, grad_bias
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of activations x (tokens, in) for fp8 compute: e4m3 codes (tokens, in) and one
+    float32 scale per token (tokens, 1), x ~ codes * scale. The codes are x times 448 / amax made in x's
+    dtype, that factor capped at the dtype's largest value (a zero token: codes 0, not 0 / 0); the scale
+    is the float32 reciprocal of the factor used. A scale amax / 448 kept in float16 would be coarse for
+    amax below 0.027 and 0 below 1.4e-5 (a zero token gave 0 / 0 = NaN codes)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()  # (tokens, 1), exact
+    factor = (QMAX["fp8"] / amax).clamp(max=torch.finfo(x.dtype).max).to(x.dtype)  # 448 / 0 = inf: capped
+    codes = (x * factor).clamp_(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)  # no float32 copy of x
+    return codes, 1 / factor.float()
+
+
 class _Fp8MatmulFn(torch.autograd.Function):
     """fp8 compute: y = (x_q @ q^T) * s_x s_w + bias on fp8 tensor cores (torch._scaled_mm). Activations get
-    one e4m3 scale per token (row), the weight keeps its per-channel scale; the input gradient is computed
-    in the compute dtype from the expanded weight (gradients are not quantized)."""
+    one e4m3 scale per token (quantize_activations), the weight keeps its per-channel scale; the input
+    gradient is computed in the compute dtype from the expanded weight (gradients are not quantized)."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
         dtype, shape = x.dtype, x.shape
-        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
-        # per-token scales, rounded to the compute dtype first: the codes and _scaled_mm then use the same
-        # number, and no float32 copy of the activations is made
-        sx = (x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / QMAX["fp8"]).to(
-            dtype
-        )  # (tokens, 1)
-        xq = (x2 / sx).clamp_(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
+        xq, sx = quantize_activations(x.reshape(-1, shape[-1]))  # (tokens, in), (tokens, 1) float32
         b = None if bias is None else bias.to(dtype)
         y = torch._scaled_mm(
-            xq, weight.t(), scale_a=sx.float(), scale_b=scale[None].float(), bias=b, out_dtype=dtype
-        )
+            xq, weight.t(), scale_a=sx, scale_b=scale[None].float(), bias=b, out_dtype=dtype
+        )  # (tokens, out)
         ctx.save_for_backward(weight, scale)
         ctx.has_bias = bias is not None
         return y.reshape(*shape[:-1], -1)
@@ -231,6 +229,34 @@ def quantize_model(model: nn.Module, mode: str, targets: list[str] | tuple[str, 
         owner = model.get_submodule(parent)
         setattr(owner, leaf, QuantLinear.from_linear(getattr(owner, leaf), mode))
     return len(chosen)
+
+
+def fp8_matmul_error(device) -> str | None:
+    """The first line of the error that one real fp8-compute matmul raises on `device` (torch._scaled_mm
+    with a scale per token and one per channel, as every fp8-compute layer calls it), or None if it runs.
+    A compute capability does not tell whether this torch build has that kernel for the GPU."""
+    probe = QuantLinear(64, 32, mode="fp8-compute", device=device)
+    x = torch.ones(16, 64, device=device, dtype=torch.bfloat16)
+    try:
+        probe(x).sum().item()  # .item() waits for the kernel, so a failure surfaces here
+    except (RuntimeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    return None
+
+
+def check_device(mode: str, device) -> None:
+    """A one-line ValueError if `device` cannot run `mode`: fp8-compute needs a CUDA GPU on which one real
+    fp8 matmul runs (fp8 tensor cores: Ada, Hopper and newer, and a torch that has the kernel)."""
+    if mode != "fp8-compute":
+        return
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"fp8-compute needs a CUDA GPU with fp8 tensor cores, not {device.type}; use fp8")
+    if error := fp8_matmul_error(device):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"fp8-compute does not run on {name} with torch {torch.__version__} ({error}); use fp8"
+        )
 
 
 def weight_bytes(model: nn.Module) -> int:
