@@ -106,10 +106,11 @@ def test_lora_on_int8_base_trains():
     mark_only_lora_as_trainable(model)
     model(torch.randn(2, 7, 16)).square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(".lora_" in n for n in grads)
-    # B starts at zero, so at the first step only B gets a nonzero gradient (A's is exactly zero)
+    assert len(grads) == 2 * 12 and all(".lora_" in n for n in grads), sorted(grads)
     assert all(g is not None for g in grads.values())
+    # B starts at zero, so at the first step only B gets a nonzero gradient (A's is exactly zero)
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    assert all(torch.equal(g, torch.zeros_like(g)) for n, g in grads.items() if "lora_A" in n)
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
@@ -147,11 +148,19 @@ def test_default_targets_are_the_block_linears_only():
     assert quantize_model(Toy(), "none") == 0
 
 
-def test_bias_kept_in_float32():
-    lin = linear()
+def test_bias_keeps_its_own_dtype():
+    """QuantLinear makes a float32 bias slot; a bfloat16 layer's bias must stay bfloat16 (and equal),
+    whether quantized in place or streamed into a meta-built layer."""
+    lin = linear().to(torch.bfloat16)
     q = QuantLinear.from_linear(copy.deepcopy(lin), "int8")
-    assert q.bias.dtype == torch.float32 and torch.equal(q.bias, lin.bias)
+    assert q.bias.dtype == torch.bfloat16 and torch.equal(q.bias, lin.bias)
     assert q.scale.dtype == torch.float32
+    with torch.device("meta"):
+        streamed = QuantLinear.from_linear(nn.Linear(64, 48), "int8")
+    for name, tensor in lin.state_dict().items():  # one tensor at a time, as the loader does
+        streamed.load_state_dict({name: tensor}, strict=False, assign=True)
+    assert streamed.bias.dtype == torch.bfloat16 and torch.equal(streamed.bias, lin.bias)
+    assert torch.equal(streamed.weight, q.weight) and torch.equal(streamed.scale, q.scale)
 
 
 def test_int8_weight_bytes_about_half_of_bf16():
