@@ -1,6 +1,6 @@
-"""Block offload (model.BlockOffload) with every base precision, gradient checkpointing, keep-attention and
-compile: the same loss and LoRA gradients as the model without offload, and the blocks copied in the order
-they run, forward and backward. CPU; the compile cases take a minute.
+"""Block offload (model.BlockOffload) with every base precision, gradient checkpointing,
+keep-attention and compile: the same loss and LoRA gradients as the model without offload, and the
+blocks copied in the order they run, forward and backward. CPU; the compile cases take a minute.
 
 Run: python -m pytest tests/test_offload.py
 """
@@ -21,7 +21,7 @@ TINY = M.TransformerConfig(
     pooled_projection_dim=32,
     axes_dims_rope=(4, 6, 6),
 )
-OFFLOADED = 3  # of the 4 blocks: the last joint block and the first single one hand over to each other
+OFFLOADED = 3  # of 4 blocks: the last joint block hands over to the first single one
 
 
 def build(
@@ -31,8 +31,8 @@ def build(
     keep_attention: bool,
     compile: bool = False,
 ) -> M.LongCatTransformer:
-    """The tiny model as train.py builds it: base quantized, LoRA (B != 0) injected, blocks offloaded,
-    then moved to the device (here the CPU) and compiled."""
+    """The tiny model as train.py builds it: base quantized, LoRA (B != 0) injected, blocks
+    offloaded, then moved to the device (here the CPU) and compiled."""
     torch.manual_seed(0)
     model = M.LongCatTransformer(TINY)
     quant.quantize_model(model, precision)
@@ -100,7 +100,7 @@ def test_offload_gives_bit_identical_loss_and_lora_grads(precision, checkpointin
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_an_offloaded_8bit_base_moves_with_to(precision):
-    """train.py offloads on the CPU, then moves the model: idle 8-bit layers hold no weight to cast."""
+    """train.py offloads on the CPU, then moves the model: idle 8-bit layers have no weight."""
     model = build(precision, OFFLOADED, True, False)
     model.to(torch.float32)
     layer = model.transformer_blocks[0].attn.to_q.base
@@ -119,8 +119,9 @@ def test_an_offload_count_outside_the_blocks_is_a_value_error(n):
 
 
 def record(offload: M.BlockOffload) -> dict[str, list]:
-    """Log each copy the offload starts ("copies") and each fetch that found no copy under way and had
-    to wait for one ("waited"), and the most blocks on the device at once (installed + under way)."""
+    """Log each copy the offload starts ("copies") and each fetch that found no copy under way and
+    had to wait for one ("waited"), and the most blocks on the device at once (installed + under
+    way)."""
     log = {"copies": [], "waited": [], "most_on_device": [0]}
     start, fetch = offload._start, offload.fetch
 
@@ -142,8 +143,8 @@ def record(offload: M.BlockOffload) -> dict[str, list]:
 
 @pytest.mark.parametrize("keep_attention", [False, True])
 def test_training_prefetches_the_next_block_forward_and_the_previous_one_backward(keep_attention):
-    """Forward: block i runs while i + 1 is copied. Backward: block 3's gradient starts block 2's copy,
-    and each recomputed block i starts i - 1's. Only the very first block is waited for."""
+    """Forward: block i runs while i + 1 is copied. Backward: block 3's gradient starts block 2's
+    copy, and each recomputed block i starts i - 1's. Only the very first block is waited for."""
     model = build("int8", OFFLOADED, True, keep_attention)
     log = record(model.offload)
     step(model)
@@ -158,8 +159,8 @@ def test_training_prefetches_the_next_block_forward_and_the_previous_one_backwar
 
 
 def test_every_inference_pass_prefetches_block_1():
-    """Inference runs forward only: each pass (a sampler step, each CFG branch) starts at block 0, waits
-    for it, and has block 1 copied while block 0 computes."""
+    """Inference runs forward only: each pass (a sampler step, each CFG branch) starts at block 0,
+    waits for it, and has block 1 copied while block 0 computes."""
     model = build("int8", OFFLOADED, True, False)
     log = record(model.offload)
     with torch.no_grad():
@@ -176,10 +177,11 @@ def compiled_graphs() -> int:
 
 
 def test_compiled_offloaded_blocks_give_the_eager_numbers_and_compile_once():
-    """compile + offload (int8 base, keep-attention checkpointing: the most that meets in one block): the
-    fetches stay outside the compiled block, so its graphs are built by the first training step and the
-    first inference pass and reused after them (traced hooks recompiled on nearly every call). float32 on
-    the CPU, so the tolerance is tight. About a minute, nearly all of it compiling."""
+    """compile + offload (int8 base, keep-attention checkpointing: the most that meets in one
+    block): the fetches stay outside the compiled block, so its graphs are built by the first
+    training step and the first inference pass and reused after them (traced hooks recompiled on
+    nearly every call). float32 on the CPU, so the tolerance is tight. About a minute, nearly all of
+    it compiling."""
     torch._dynamo.reset()
     loss, grads = step(build("int8", 0, True, True))
     model = build("int8", OFFLOADED, True, True, compile=True)
@@ -195,4 +197,5 @@ def test_compiled_offloaded_blocks_give_the_eager_numbers_and_compile_once():
         after_inference = compiled_graphs()
         model(*inputs())
     step(model)
-    assert compiled_graphs() == after_inference, (after_training, after_inference, compiled_graphs())
+    counts = (after_training, after_inference, compiled_graphs())
+    assert compiled_graphs() == after_inference, counts

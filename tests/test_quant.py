@@ -92,9 +92,8 @@ def test_input_grad_equals_dequantized_linear_and_saves_no_float_weight(mode):
     y1.backward(g)
     ref(x2).backward(g)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    assert all(t.dtype == q.weight.dtype or t.numel() <= 48 for t in saved), [
-        t.dtype for t in saved
-    ]
+    dtypes = [t.dtype for t in saved]
+    assert all(t.dtype == q.weight.dtype or t.numel() <= 48 for t in saved), dtypes
     assert q.weight.grad is None and not q.bias.requires_grad
 
 
@@ -149,8 +148,8 @@ def test_default_targets_are_the_block_linears_only():
 
 
 def test_bias_keeps_its_own_dtype():
-    """QuantLinear makes a float32 bias slot; a bfloat16 layer's bias must stay bfloat16 (and equal),
-    whether quantized in place or streamed into a meta-built layer."""
+    """QuantLinear makes a float32 bias slot; a bfloat16 layer's bias must stay bfloat16 (and
+    equal), whether quantized in place or streamed into a meta-built layer."""
     lin = linear().to(torch.bfloat16)
     q = QuantLinear.from_linear(copy.deepcopy(lin), "int8")
     assert q.bias.dtype == torch.bfloat16 and torch.equal(q.bias, lin.bias)
@@ -167,15 +166,11 @@ def test_int8_weight_bytes_about_half_of_bf16():
     model = Toy(d=256)
     bf16 = weight_bytes(copy.deepcopy(model).to(torch.bfloat16))
     quantize_model(model, "int8")
-    quantized_part = weight_bytes(model.transformer_blocks) + weight_bytes(
-        model.single_transformer_blocks
-    )
-    dense_part = sum(
-        p.numel() * 2 for n, p in Toy(d=256).named_parameters() if "transformer_blocks" in n
-    )
-    ratio = (
-        quantized_part / dense_part
-    )  # int8 weight + float32 scale and bias per row, against bf16
+    blocks = [model.transformer_blocks, model.single_transformer_blocks]
+    quantized_part = sum(weight_bytes(b) for b in blocks)
+    dense = Toy(d=256).named_parameters()
+    dense_part = sum(p.numel() * 2 for n, p in dense if "transformer_blocks" in n)
+    ratio = quantized_part / dense_part  # int8 weight + float32 scale and bias per row, vs bf16
     assert 0.5 < ratio < 0.53, ratio
     assert weight_bytes(model) < 0.6 * bf16
 
