@@ -1,15 +1,20 @@
-"""LongCat-Image(-Edit) by hand: the MM-DiT transformer, the FLUX.1 VAE, latent packing and position ids, the
-flow-matching schedule, and loading of the released checkpoints (safetensors, every byte checked).
+"""LongCat-Image(-Edit) by hand: the MM-DiT transformer (with gradient checkpointing and block
+offload), the FLUX.1 VAE, latent packing and position ids, the flow-matching schedule, and loading
+of the released checkpoints (safetensors, every byte checked). It imports no other file of minicat.
 
 References
-- LongCat-Image technical report, arXiv:2512.07584; checkpoints meituan-longcat/LongCat-Image{,-Dev,-Edit}.
-- FLUX.1 (black-forest-labs/flux): double/single stream blocks, 3-axis RoPE, 2x2 latent packing, 16-ch VAE.
-- Rectified flow (Liu et al. 2022, Esser et al. 2024): x_t = (1 - s) x0 + s eps, the model predicts eps - x0.
-Module attributes carry the released (diffusers) tensor names, so a checkpoint loads strictly with no
-renaming. Every number here was checked against diffusers' LongCatImageTransformer2DModel, AutoencoderKL and
-the LongCatImage(Edit)Pipeline on the same weights (tests/). The spec we follow: shared/SPEC.md.
-Sections, in reading order: the transformer, the VAE, latents + ids + schedule, loading. The sampler and the
-prompt encoding are the pipeline's (validate.py); the tiny random checkpoint is tiny.py's.
+- LongCat-Image technical report, arXiv:2512.07584; checkpoints
+  meituan-longcat/LongCat-Image{,-Dev,-Edit}.
+- FLUX.1 (black-forest-labs/flux): double/single stream blocks, 3-axis RoPE, 2x2 latent packing,
+  16-channel VAE.
+- Rectified flow (Liu et al. 2022, Esser et al. 2024): x_t = (1 - s) x0 + s eps, the model predicts
+  eps - x0.
+- diffusers: LongCatImageTransformer2DModel (models/transformers/transformer_longcat_image.py),
+  AutoencoderKL, and pipelines/longcat_image/pipeline_longcat_image_edit.py (_pack_latents,
+  prepare_pos_ids, calculate_shift). The tests hold every number here to them on the same weights.
+Module attributes carry the released (diffusers) tensor names, so a checkpoint loads strictly with
+no renaming.
+Sections, in reading order: the transformer, the VAE, latents + ids + schedule, loading.
 """
 
 from __future__ import annotations
@@ -25,27 +30,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that is not what we need; the message says which file or tensor and what to do."""
+    """A checkpoint folder we cannot use; the message names the file or tensor and what to do."""
 
 
 def _from_json(cls, path: Path):
-    """A config dataclass from a diffusers config.json, ignoring its bookkeeping ("_class_name", ...)."""
+    """A config dataclass from a diffusers config.json, ignoring its bookkeeping (`_class_name`)."""
     raw = read_json(path)
     known = {f.name for f in fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known})
+    return cls(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known}
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The transformer
 
 
 @dataclass
 class TransformerConfig:
-    """transformer/config.json; defaults are the released LongCat-Image values (not diffusers' FLUX ones)."""
+    """transformer/config.json; defaults are the released LongCat-Image values (not FLUX's)."""
 
     patch_size: int = 1
     in_channels: int = 64
@@ -59,7 +70,7 @@ class TransformerConfig:
 
 
 def rope(ids: torch.Tensor, axes_dims, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [S, head_dim] in float32 for positions ids [S, n_axes]; each pair's angle appears twice."""
+    """(cos, sin) [S, head_dim] in float32 for positions ids [S, n_axes]; each angle twice."""
     # float64 angles keep positions ~1000 exact; MPS has no float64, so it gets float32 there.
     f64 = torch.float32 if ids.device.type == "mps" else torch.float64
     angles = []
@@ -71,13 +82,15 @@ def rope(ids: torch.Tensor, axes_dims, theta: float = 10000.0) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x0, x1) by its angle: (x0 cos - x1 sin, x1 cos + x0 sin), in float32."""
+    """Rotate each interleaved pair (x0, x1) by its angle, in float32:
+    (x0 cos - x1 sin, x1 cos + x0 sin)."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
-    turned = torch.stack([-x1, x0], dim=-1).flatten(-2)  # (B, S, H, D): each pair turned by 90 degrees
+    turned = torch.stack([-x1, x0], dim=-1).flatten(-2)  # (B, S, H, D): each pair turned 90°
     return (x.float() * cos[:, None] + turned * sin[:, None]).to(x.dtype)
 
 
-# Which SDPA kernels attention() may use, with and without autograd (set_attention_backend); None = torch's.
+# The SDPA kernels attention() may use, with and without autograd (set_attention_backend);
+# None: torch's choice.
 SDPA_BACKENDS: dict[bool, list | None] = {True: None, False: None}
 ATTENTION_CHOICES = {
     "auto": None,
@@ -89,9 +102,10 @@ ATTENTION_CHOICES = {
 
 
 def attention_backends(name: str) -> dict[bool, list | None]:
-    """{grad enabled: the SDPA kernels allowed (None: torch's choice)} for a backend name. "auto" is torch's
-    choice, except that cuDNN attention is never used where a backward pass will run: its backward crashed
-    (and the tiny demo's loss went NaN) on an H200 with torch 2.11 (research/gpu_h200.md)."""
+    """{grad enabled: the SDPA kernels allowed (None: torch's choice)} for a backend name. "auto" is
+    torch's choice, except that cuDNN attention is never used where a backward pass will run: its
+    backward crashed, and the tiny demo's loss went NaN, on an H200 with torch 2.11 (NaN gradients
+    from cuDNN's SDPA backward are a known kind of failure: huggingface/diffusers issue 9768)."""
     if name not in ATTENTION_CHOICES:
         raise ValueError(f"{name!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
     if name == "auto":
@@ -103,7 +117,7 @@ def attention_backends(name: str) -> dict[bool, list | None]:
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose the transformer's attention kernels (chosen per call, so checkpoint recomputation agrees)."""
+    """Choose the transformer's attention kernels (looked up per call: recomputation agrees)."""
     SDPA_BACKENDS.update(attention_backends(name))
 
 
@@ -119,10 +133,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2).flatten(2)  # (B, S, H*D)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t [B] (already x1000) as [cos, sin], computed in float32 -> [B, dim]."""
+def timestep_embedding(
+    t: torch.Tensor, dim: int = 256, max_period: float = 10000.0
+) -> torch.Tensor:
+    """Sinusoidal embedding of t [B] (already x1000) as [cos, sin] in float32 -> [B, dim]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    i = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * i / half)  # (half,)
     args = t[:, None].float() * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -133,7 +150,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Modulation(nn.Module):
-    """AdaLN-Zero `norm*.linear`: Linear(SiLU(temb)) split into n (shift, scale, gate, ...) chunks."""
+    """AdaLN-Zero `norm*.linear`: Linear(SiLU(temb)) in n chunks (shift, scale, gate, ...)."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
@@ -168,7 +185,7 @@ class GELUProj(nn.Module):
 
 
 class MLP(nn.Module):
-    """`ff` / `ff_context`: Linear(D, 4D) -> GELU(tanh) -> Linear(4D, D); net.1 is diffusers' dropout slot."""
+    """`ff` / `ff_context`: Linear(D, 4D) -> GELU(tanh) -> Linear(4D, D); net.1: a dropout slot."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -179,8 +196,8 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """`attn`: q/k/v projections with per-head RMSNorm; `context=True` adds the text stream's projections and
-    both output projections (the single blocks have their own `proj_out` instead)."""
+    """`attn`: q/k/v projections with per-head RMSNorm; `context=True` adds the text stream's
+    projections and both output projections (a single block has its own `proj_out`)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context: bool):
         super().__init__()
@@ -213,7 +230,7 @@ class Attention(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """`transformer_blocks.N`: separate weights for text and image, one attention over [text; image]."""
+    """`transformer_blocks.N`: separate weights for text and image, one attention over both."""
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -232,7 +249,7 @@ class JointBlock(nn.Module):
         k = apply_rope(torch.cat([ck, k], dim=1), cos, sin)
         out = attention(q, k, torch.cat([cv, v], dim=1))
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
-        # gated residuals, rounded as diffusers does (a fused addcmul would differ by an ulp in bf16)
+        # gated residuals, rounded as diffusers does (a fused addcmul differs by an ulp in bf16)
         img = img + gate1[:, None] * self.attn.to_out[0](img_out)
         img = img + gate2[:, None] * self.ff(modulate(img, shift2, scale2))
         txt = txt + c_gate1[:, None] * self.attn.to_add_out(txt_out)
@@ -243,7 +260,7 @@ class JointBlock(nn.Module):
 
 
 class SingleBlock(nn.Module):
-    """`single_transformer_blocks.N`: one stream over [text; image], attention and MLP in parallel."""
+    """`single_transformer_blocks.N`: one stream [text; image], attention and MLP in parallel."""
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -263,7 +280,7 @@ class SingleBlock(nn.Module):
 
 
 # Selective checkpointing (checkpoint_keep_attention): attention is the costliest op to redo in the
-# backward pass while its output is only [B, S, D] per block, so it is kept and the rest is recomputed.
+# backward pass, and its output is only [B, S, D] per block: it is kept, the rest is recomputed.
 ATTENTION_OPS = [
     getattr(torch.ops.aten, name).default
     for name in dir(torch.ops.aten)
@@ -275,6 +292,81 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+class BlockOffload:
+    """The frozen weights of some blocks, kept in (pinned) CPU memory and copied to the device only
+    while their block is in use. LongCatTransformer._run drives it and knows the direction: going
+    forward it fetches block i before it runs and starts copying block i + 1, on a side stream,
+    while i computes; in the backward pass a hook on block i's output fetches i again before its
+    recomputation and starts copying i - 1. The copies are made outside the checkpointed region, so
+    the forward pass and the recomputation run the same ops (selective checkpointing replays them by
+    order). Trainable tensors (LoRA) stay on the device. Without checkpointing a training step keeps
+    every block's weights alive for the backward pass and saves nothing. On a CPU "device" the
+    copies are plain copies, which is how the tests hold it to bit-identity."""
+
+    def __init__(self, blocks: list[nn.Module], device):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.host: dict[int, list] = {}  # block -> [(module, slots' name, name, CPU copy)]
+        self.pending: dict[int, tuple] = {}  # block -> (device copies, CUDA event or None)
+        self.installed: int | None = None  # the block whose weights are on the device now
+        for i, block in enumerate(blocks):
+            self.host[i] = []
+            for m in block.modules():
+                for kind in ("_parameters", "_buffers"):
+                    slots = getattr(m, kind)
+                    for name, t in list(slots.items()):
+                        if t is None or t.requires_grad:
+                            continue
+                        cpu = t.detach().cpu()
+                        if cuda:  # pinned on the chosen GPU: the current one may be another
+                            with torch.cuda.device(self.device):
+                                cpu = cpu.pin_memory()
+                        self.host[i].append((m, kind, name, cpu))
+                        slots[name] = None  # idle: nothing on the device; .to() skips it
+
+    def fetch(self, i: int, ahead: int) -> None:
+        """Put block i's weights in place (its prefetched copy, or one made now), then start copying
+        block `ahead`'s. A block that is not offloaded needs nothing; the prefetch still starts."""
+        if i in self.host and self.installed != i:
+            if self.installed is not None:
+                self.release(self.installed)
+            self._start(i)
+            copies, event = self.pending.pop(i)
+            stream = None if event is None else torch.cuda.current_stream(self.device)
+            if stream is not None:
+                stream.wait_event(event)
+            for (m, kind, name, _), t in zip(self.host[i], copies, strict=True):
+                if stream is not None:  # made on the side stream, used on this one:
+                    t.record_stream(stream)  # the allocator waits for this stream's use
+                if kind == "_parameters":
+                    t = nn.Parameter(t, requires_grad=False)
+                getattr(m, kind)[name] = t
+            self.installed = i
+        self._start(ahead)
+
+    def release(self, i: int) -> None:
+        """Drop block i's device weights (what autograd saved for a backward pass stays alive)."""
+        if self.installed == i:
+            for m, kind, name, _ in self.host[i]:
+                getattr(m, kind)[name] = None
+            self.installed = None
+
+    def _start(self, i: int) -> None:
+        """Begin copying block i's weights to the device (on the side stream when there is one)."""
+        if i in self.pending or i not in self.host or i == self.installed:
+            return
+        if self.stream is None:
+            self.pending[i] = ([t.to(self.device, copy=True) for *_, t in self.host[i]], None)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            copies = [t.to(self.device, non_blocking=True) for *_, t in self.host[i]]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.pending[i] = (copies, event)
+
+
 class LongCatTransformer(nn.Module):
     """The LongCat-Image MM-DiT (root of transformer/*.safetensors)."""
 
@@ -283,13 +375,19 @@ class LongCatTransformer(nn.Module):
         c = self.config = config or TransformerConfig()
         heads, head_dim = c.num_attention_heads, c.attention_head_dim
         dim = heads * head_dim
-        assert sum(c.axes_dims_rope) == head_dim, f"axes_dims_rope {c.axes_dims_rope} must sum to {head_dim}"
-        assert c.patch_size == 1, f"patch_size {c.patch_size}: only 1 exists (2x2 packing happens outside)"
+        assert sum(c.axes_dims_rope) == head_dim, (
+            f"axes_dims_rope {c.axes_dims_rope} must sum to {head_dim}"
+        )
+        assert c.patch_size == 1, (
+            f"patch_size {c.patch_size}: only 1 exists (2x2 packing happens outside)"
+        )
         self.x_embedder = nn.Linear(c.in_channels, dim)
         self.context_embedder = nn.Linear(c.joint_attention_dim, dim)
         self.time_embed = nn.Module()
         self.time_embed.timestep_embedder = TimestepEmbedder(dim)
-        self.transformer_blocks = nn.ModuleList(JointBlock(dim, heads, head_dim) for _ in range(c.num_layers))
+        self.transformer_blocks = nn.ModuleList(
+            JointBlock(dim, heads, head_dim) for _ in range(c.num_layers)
+        )
         self.single_transformer_blocks = nn.ModuleList(
             SingleBlock(dim, heads, head_dim) for _ in range(c.num_single_layers)
         )
@@ -297,38 +395,74 @@ class LongCatTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, c.in_channels)
         self.gradient_checkpointing = False  # recompute each block in the backward pass ...
         self.checkpoint_keep_attention = False  # ... except its attention output
+        self.offload: BlockOffload | None = None  # offload_blocks(): weights streamed from the CPU
 
     def forward(self, img, txt, sigma, img_ids, txt_ids) -> torch.Tensor:
         """img [B, N, 64], txt [B, L, joint_attention_dim], sigma [B] in [0, 1], img_ids [N, 3],
         txt_ids [L, 3] -> velocity [B, N, 64]."""
         img, txt = self.x_embedder(img), self.context_embedder(txt)
         temb = self.time_embed.timestep_embedder(sigma.to(img.dtype) * 1000, img.dtype)  # (B, D)
-        cos, sin = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # (L+N, head_dim), once
-        for block in self.transformer_blocks:
-            img, txt = self._run(block, img, txt, temb, cos, sin)
+        ids = torch.cat([txt_ids, img_ids])  # (L+N, 3)
+        cos, sin = rope(ids, self.config.axes_dims_rope)  # (L+N, head_dim), once for all blocks
+        for i, block in enumerate(self.transformer_blocks):
+            img, txt = self._run(i, block, img, txt, temb, cos, sin)
         x = torch.cat([txt, img], dim=1)  # (B, L+N, D): the single blocks see one stream
-        for block in self.single_transformer_blocks:
-            x = self._run(block, x, temb, cos, sin)
+        first = len(self.transformer_blocks)  # block indices run on through the single blocks
+        for i, block in enumerate(self.single_transformer_blocks, start=first):
+            x = self._run(i, block, x, temb, cos, sin)
         scale, shift = self.norm_out(temb.to(x.dtype))
         return self.proj_out(modulate(x[:, txt.shape[1] :], shift, scale))
 
-    def _run(self, block: nn.Module, *args):
-        """One block, checkpointed when training with gradient_checkpointing on."""
-        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
-            return block(*args)
-        kw = {}
-        if self.checkpoint_keep_attention:
-            kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
-        return checkpoint(block, *args, use_reentrant=False, **kw)
+    def _run(self, i: int, block: nn.Module, *args):
+        """Block i, checkpointed when training with gradient_checkpointing on. An offloaded block's
+        weights are fetched before it runs and dropped after it, outside the checkpointed region."""
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        if self.offload is not None:
+            self.offload.fetch(i, ahead=i + 1)  # going forward, block i + 1 runs next
+        if checkpointed:
+            kw = {}
+            if self.checkpoint_keep_attention:
+                kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
+            out = checkpoint(block, *args, use_reentrant=False, **kw)
+        else:
+            out = block(*args)
+        if self.offload is not None:
+            self.offload.release(i)
+            if checkpointed:
+                self._fetch_before_recompute(i, out)
+        return out
+
+    def _fetch_before_recompute(self, i: int, out) -> None:
+        """The backward pass recomputes block i once the gradient of its output is ready: a hook on
+        that output fetches the block's weights first, and starts copying block i - 1, which comes
+        next. A tensor hook runs before the node that made the tensor (torch.Tensor.register_hook),
+        so the weights are in place when the recomputation starts. With two outputs (a joint block)
+        it fires twice; the first fetches."""
+        offload = self.offload
+        for t in out if isinstance(out, tuple) else (out,):
+            if t.requires_grad:
+                t.register_hook(lambda grad: offload.fetch(i, ahead=i - 1))
+
+    def offload_blocks(self, n: int, device) -> None:
+        """Keep the frozen weights of the first n blocks in CPU memory, streamed to `device` while
+        each runs (BlockOffload). Call it after LoRA is injected, on a model loaded on the CPU, then
+        .to(device): the offloaded weights never reach the device whole."""
+        blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
+        if not 0 < n <= len(blocks):
+            raise ValueError(
+                f"offload_blocks = {n}: choose 1 to {len(blocks)}, the model's number of blocks"
+            )
+        self.offload = BlockOffload(blocks[:n], device)
 
     def compile_blocks(self) -> None:
-        """Regional compilation: each block compiled on its own; the joint blocks share one compiled graph and
-        the single blocks another (same code, weights as inputs), so it costs two compiles, not thirty."""
+        """Regional compilation: each block compiled on its own (offload fetches stay outside it);
+        the joint blocks share one compiled graph and the single blocks another (same code, weights
+        as inputs), so it costs two compiles, not thirty."""
         for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
             block.compile()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The VAE (FLUX.1 AutoencoderKL, diffusers names)
 
 
@@ -351,7 +485,7 @@ class VAEConfig:
 
 
 class ResBlock(nn.Module):
-    """`resnets.M`: GroupNorm -> SiLU -> conv3x3, twice, plus a 1x1 shortcut when channels change."""
+    """`resnets.M`: GroupNorm -> SiLU -> conv3x3, twice, and a 1x1 shortcut if channels change."""
 
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
@@ -377,7 +511,8 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.group_norm(x.flatten(2)).transpose(1, 2)  # (B, HW, C); normed as (B, C, HW) like diffusers
+        h = self.group_norm(x.flatten(2))  # (B, C, HW): normed in this layout, as diffusers does
+        h = h.transpose(1, 2)  # (B, HW, C)
         q, k, v = (p(h)[:, None] for p in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])  # (B, HW, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
@@ -421,7 +556,7 @@ class Upsample(nn.Module):
 
 
 def resnets(cin: int, cout: int, n: int, groups: int) -> nn.ModuleList:
-    """`down_blocks.N.resnets` / `up_blocks.N.resnets`: n ResBlocks, the first one changing channels."""
+    """`down_blocks.N.resnets` / `up_blocks.N.resnets`: n ResBlocks, the first changing channels."""
     return nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, groups) for i in range(n))
 
 
@@ -433,7 +568,7 @@ class Encoder(nn.Module):
         ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(nn.Module() for _ in range(n))
-        for i, block in enumerate(self.down_blocks):  # resnets, then a downsampler except at the bottom
+        for i, block in enumerate(self.down_blocks):  # resnets, then a downsampler (not last)
             block.resnets = resnets(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g)
             block.downsamplers = nn.ModuleList([Downsample(ch[i])] if i < n - 1 else [])
         self.mid_block = MidBlock(ch[-1], g, c.mid_block_add_attention)
@@ -453,7 +588,9 @@ class Decoder(nn.Module):
 
     def __init__(self, c: VAEConfig):
         super().__init__()
-        ch, g, n = tuple(reversed(c.block_out_channels)), c.norm_num_groups, len(c.block_out_channels)
+        ch = tuple(reversed(c.block_out_channels))
+        g = c.norm_num_groups
+        n = len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, c.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(nn.Module() for _ in range(n))
@@ -472,7 +609,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """The FLUX.1 autoencoder (root of vae/diffusion_pytorch_model.safetensors); images in [-1, 1]."""
+    """The FLUX.1 autoencoder (vae/diffusion_pytorch_model.safetensors); images in [-1, 1]."""
 
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
@@ -485,7 +622,7 @@ class VAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(k // 2, k // 2, 1) if config.use_post_quant_conv else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image [B, 3, H, W] -> the latent distribution's mean [B, 16, H/8, W/8] (raw, not normalised)."""
+        """Image [B, 3, H, W] -> the latent distribution's mean [B, 16, H/8, W/8], unnormalised."""
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -510,8 +647,8 @@ def from_latent(vae: VAE, z: torch.Tensor) -> torch.Tensor:
     return vae.decode(raw.to(next(vae.parameters()).dtype))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Latents, position ids, schedule, sampler
+# --------------------------------------------------------------------------------------------------
+# Latents, position ids, schedule
 
 
 def pack(z: torch.Tensor) -> torch.Tensor:
@@ -537,10 +674,13 @@ def text_ids(length: int, device=None) -> torch.Tensor:
 
 
 def image_ids(h: int, w: int, text_len: int, modality: int, device=None) -> torch.Tensor:
-    """Positions (modality, L + row, L + col) of an h x w token grid -> [h*w, 3]; 1 target, 2 reference."""
+    """Positions (modality, L + row, L + col) of an h x w token grid -> [h*w, 3].
+    Modality 1 is the target, 2 the reference."""
     r = torch.arange(h, device=device, dtype=torch.float64)[:, None].expand(h, w)
     c = torch.arange(w, device=device, dtype=torch.float64)[None, :].expand(h, w)
-    return torch.stack([torch.full_like(r, modality), r + text_len, c + text_len], dim=-1).reshape(h * w, 3)
+    m = torch.full_like(r, modality)
+    ids = torch.stack([m, r + text_len, c + text_len], dim=-1)  # (h, w, 3)
+    return ids.reshape(h * w, 3)
 
 
 def image_sequence(
@@ -564,7 +704,8 @@ def image_sequence(
 
 
 def shift_mu(seq_len: int, sched: dict) -> float:
-    """Resolution-dependent shift: linear in the target token count between the scheduler's two anchors."""
+    """Resolution-dependent shift: linear in the target token count between the scheduler's anchors
+    (diffusers' calculate_shift)."""
     x0, x1 = sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096)
     y0, y1 = sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)
     m = (y1 - y0) / (x1 - x0)
@@ -573,7 +714,7 @@ def shift_mu(seq_len: int, sched: dict) -> float:
 
 def time_shift(mu: float, sigma: torch.Tensor) -> torch.Tensor:
     """Exponential time shift: logit(sigma') = logit(sigma) + mu."""
-    e = torch.tensor(math.exp(mu), dtype=sigma.dtype)  # a tensor: torch's `float / tensor` rounds differently
+    e = torch.tensor(math.exp(mu), dtype=sigma.dtype)  # a tensor: `float / tensor` rounds otherwise
     return e / (e + (1 / sigma - 1))
 
 
@@ -583,7 +724,7 @@ def static_shift(s: float, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def schedule(steps: int, seq_len: int, sched: dict) -> torch.Tensor:
-    """sigmas [steps + 1] in float32, from 1 (noise) down to 0, shifted for this many target tokens."""
+    """sigmas [steps + 1] in float32, 1 (noise) down to 0, shifted for seq_len target tokens."""
     # numpy's linspace, as diffusers: torch's rounds some steps differently in float32
     sigmas = torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))
     if sched.get("use_dynamic_shifting", True):
@@ -593,7 +734,7 @@ def schedule(steps: int, seq_len: int, sched: dict) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading: safetensors read by hand, every byte checked, names and shapes strict
 
 SAFETENSORS_DTYPES = {
@@ -611,10 +752,11 @@ def read_json(path: Path) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of one component: those of the shard index if there is one, else the one file."""
+    """The safetensors files of one component: those its shard index names, or else the one file."""
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        files = [folder / s for s in sorted(set(read_json(index[0]).get("weight_map", {}).values()))]
+        shards = set(read_json(index[0]).get("weight_map", {}).values())
+        files = [folder / s for s in sorted(shards)]
     else:
         files = sorted(folder.glob("*.safetensors"))
     missing = [f for f in files if not f.exists()]
@@ -626,8 +768,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_header(file: Path) -> dict:
-    """A safetensors file's table {name: {dtype, shape, data_offsets}} with absolute offsets, checked against
-    the file: an 8-byte length, then JSON; each tensor's bytes lie inside the file and match its shape."""
+    """A safetensors file's table {name: {dtype, shape, data_offsets}} with absolute offsets,
+    checked against the file: an 8-byte length, then JSON; each tensor's bytes lie inside the file
+    and match its shape."""
     size = file.stat().st_size
     with open(file, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
@@ -652,19 +795,24 @@ def read_header(file: Path) -> dict:
 
 
 def read_tensor(fh, info: dict, staging: torch.Tensor) -> torch.Tensor:
-    """One tensor by a plain read (no mmap: only what we keep counts as resident) into a reusable staging
-    buffer, so a weight quantized on arrival leaves no freed hole of its size behind."""
+    """One tensor by a plain read (no mmap: only what we keep counts as resident) into a reusable
+    staging buffer, so a weight quantized on arrival leaves no freed hole of its size behind."""
     start, end = info["data_offsets"]
     fh.seek(start)
     if (got := fh.readinto(memoryview(staging.numpy())[: end - start])) != end - start:
-        raise CheckpointError(f"{fh.name}: read {got} of {end - start} bytes at {start} (the file changed?)")
+        raise CheckpointError(
+            f"{fh.name}: read {got} of {end - start} bytes at {start} (the file changed?)"
+        )
     return staging[: end - start].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, convert=None) -> nn.Module:
-    """Fill a meta-device model from a folder of safetensors, strictly (every name and shape must match),
-    one tensor at a time so peak memory stays at the model's size. `convert(model)` may swap modules first
-    (quantization): their `_load_from_state_dict` then sees each float tensor as it arrives."""
+def load_weights(
+    model: nn.Module, folder: Path, dtype: torch.dtype, device, convert=None
+) -> nn.Module:
+    """Fill a meta-device model from a folder of safetensors, strictly (every name and shape must
+    match), one tensor at a time so peak memory stays at the model's size. `convert(model)` may swap
+    modules first (quantization): their `_load_from_state_dict` then sees each float tensor as it
+    arrives."""
     headers = {f: read_header(f) for f in weight_files(folder)}
     seen = {name: (info, f) for f, header in headers.items() for name, info in header.items()}
     for name, t in model.state_dict().items():
@@ -693,19 +841,19 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, con
                     {leaf: t.to(dtype) if t.is_floating_point() else t}, strict=False, assign=True
                 )
                 kept = getattr(module, leaf)
-                if (
-                    kept is not None
-                    and kept.untyped_storage().data_ptr() == staging.untyped_storage().data_ptr()
-                ):
-                    kept.data = (
-                        kept.data.clone()
-                    )  # kept as read: it needs memory of its own, the buffer is reused
+                shared = kept is not None and (
+                    kept.untyped_storage().data_ptr() == staging.untyped_storage().data_ptr()
+                )
+                if shared:  # kept as read: it needs memory of its own, the buffer is reused
+                    kept.data = kept.data.clone()
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     assert not left, f"not loaded: {left[:3]}"
     return model.eval().requires_grad_(False)
 
 
-def load_transformer(path: Path, dtype=torch.bfloat16, device="cpu", convert=None) -> LongCatTransformer:
+def load_transformer(
+    path: Path, dtype=torch.bfloat16, device="cpu", convert=None
+) -> LongCatTransformer:
     config = _from_json(TransformerConfig, Path(path) / "transformer/config.json")
     with torch.device("meta"):
         model = LongCatTransformer(config)

@@ -1,44 +1,46 @@
-"""Fitting a frozen base into less GPU memory: int8 / fp8 weights quantized while the checkpoint loads, fp8
-compute, and block offload.
+"""Fitting a frozen base into less GPU memory: int8 / fp8 weights quantized while the checkpoint
+loads, and fp8 compute.
 
-LoRA training never updates the base weights, so they can be stored in 8 bits and expanded to the compute
-dtype one layer at a time, right before the matmul (weight-only quantization; LLM.int8() without the
-outlier path, and gpt-fast's `WeightOnlyInt8Linear`):
+LoRA training never updates the base weights, so they can be stored in 8 bits and expanded to the
+compute dtype one layer at a time, right before the matmul (weight-only quantization; LLM.int8()
+without the outlier path, and gpt-fast's `WeightOnlyInt8Linear`). Symmetric, per output row o:
 
-    int8: s_o = max_i |W_oi| / 127,  q_oi = clamp(round(W_oi / s_o), -127, 127)   (symmetric, per output row)
-    fp8:  s_o = max_i |W_oi| / 448,  q_oi = e4m3(W_oi / s_o)                       (448 = largest e4m3 value)
+    int8: s_o = max_i |W_oi| / 127,  q_oi = clamp(round(W_oi / s_o), -127, 127)
+    fp8:  s_o = max_i |W_oi| / 448,  q_oi = e4m3(W_oi / s_o)      (448: the largest e4m3 value)
     y = x @ (q * s)^T + b      (q * s made in x's dtype, so the GEMM keeps its fused bias)
 
-One scale per output channel makes each row use the full code range; int8 then has a rounding error of at most
-s_o / 2 per element, e4m3 a relative error of at most 2^-4 (3 mantissa bits) for normal values. The bias is
-kept as it came (gpt-fast silently drops it, which LongCat's biased projections cannot afford).
+One scale per output channel makes each row use the full code range; int8 then has a rounding error
+of at most s_o / 2 per element, e4m3 a relative error of at most 2^-4 (3 mantissa bits) for normal
+values. The bias is kept as it came (gpt-fast drops it, which LongCat's biased projections cannot
+afford).
 
-Memory. A dequantized copy exists only transiently inside one layer. A plain `F.linear(x, q.to(dtype))`
-would make autograd save that copy for the backward pass, i.e. a bf16 copy of every weight across a
-training step; `_QuantLinearFn` saves the int8/fp8 tensor instead and dequantizes again in backward. Only
-the gradient w.r.t. the input is computed: the weight is a buffer and never trains.
+Memory. A dequantized copy exists only transiently inside one layer. A plain
+`F.linear(x, q.to(dtype))` would make autograd save that copy for the backward pass, a bf16 copy of
+every weight across a training step; `_QuantLinearFn` saves the int8/fp8 tensor instead and
+dequantizes again in backward. Only the gradient w.r.t. the input is computed: the weight is a
+buffer and never trains.
 
-Streaming. `quantize_model` works on a model built on the `meta` device; each `QuantLinear` then quantizes a
-float `weight` the moment it arrives through `load_state_dict(..., assign=True)` (see
-`QuantLinear._load_from_state_dict`), on the tensor's own device, so the float checkpoint never sits in
-memory in full. Already quantized `weight` + `scale` pairs (our own `state_dict()`) load unchanged.
+Streaming. `quantize_model` works on a model built on the `meta` device; each `QuantLinear` then
+quantizes a float `weight` the moment it arrives through `load_state_dict(..., assign=True)` (see
+`QuantLinear._load_from_state_dict`), on the tensor's own device, so the float checkpoint never
+sits in memory in full. Already quantized `weight` + `scale` pairs (our own `state_dict()`) load
+unchanged.
 
-Hooks for lora.py (duck typed, no import): `QuantLinear.dequantize() -> Tensor` returns the float32 weight
-and `QuantLinear.load_float_weight(w)` re-quantizes a float weight into the layer; LoRA merging is
-`load_float_weight(dequantize() + scale * B @ A)`.
+Hooks for lora.py (duck typed, no import): `QuantLinear.dequantize() -> Tensor` returns the float32
+weight and `QuantLinear.load_float_weight(w)` re-quantizes a float weight into the layer; LoRA
+merging is `load_float_weight(dequantize() + scale * B @ A)`.
 
-fp8 compute ("fp8-compute": fp8 weights, and on fp8 tensor cores, Ada / Hopper): the activations are also
-rounded to e4m3 with one scale per token and `torch._scaled_mm` multiplies the codes, y = (x_q @ q^T) s_x s_w
-+ b in the compute dtype; the input gradient is computed from the expanded weight (gradients stay bf16).
-
-Block offload (`offload_blocks`): the frozen tensors of the first N blocks live in pinned CPU memory and are
-copied to the GPU on a side stream just before each block runs (the next one is prefetched while the current
-one computes), and dropped after it; trainable (LoRA) tensors stay on the GPU.
+fp8 compute ("fp8-compute": fp8 weights, on fp8 tensor cores: Ada, Hopper): the activations are
+also rounded to e4m3, with one float32 scale per token (quantize_activations), and
+`torch._scaled_mm` multiplies the codes: y = (x_q @ q^T) s_x s_w + b in the compute dtype. The input
+gradient is computed from the expanded weight (gradients stay bf16). check_device runs one such
+matmul on the GPU before a run relies on it.
 
 Mode names: "int8", "fp8", "fp8-compute", "none"; SimpleTuner's "int8-quanto", "fp8-torchao" and
 "no_change" are aliases.
-References: Dettmers et al. 2022, LLM.int8() (arXiv:2208.07339); Micikevicius et al. 2022, FP8 formats for
-deep learning (arXiv:2209.05433); pytorch-labs/gpt-fast quantize.py; karpathy/nanochat fp8.py.
+References: Dettmers et al. 2022, LLM.int8() (arXiv:2208.07339); Micikevicius et al. 2022, FP8
+formats for deep learning (arXiv:2209.05433); pytorch-labs/gpt-fast quantize.py; karpathy/nanochat
+fp8.py; torch._scaled_mm with row-wise scales as torchao's float8 training uses it.
 """
 
 import re
@@ -50,15 +52,15 @@ from torch import nn
 MODES = ("int8", "fp8", "fp8-compute", "none")
 ALIASES = {"int8-quanto": "int8", "fp8-torchao": "fp8", "no_change": "none"}
 QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code: symmetric int8 range, largest finite e4m3 value
+QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest code: int8's symmetric range, e4m3's largest
 DEFAULT_TARGETS = (r"^(single_)?transformer_blocks\.",)  # the block linears, 99% of the parameters
-# Qwen2.5-VL's decoder layers (attention and MLP linears; 7B of its 8.3B parameters), legacy or new names.
+# Qwen2.5-VL's decoder layers (attention and MLP linears: 7B of 8.3B parameters), either naming.
 TEXT_ENCODER_TARGETS = (r"layers\.\d+\.(self_attn|mlp)\.",)
 
 
 def normalize_mode(name: str, compute: bool = True) -> str:
-    """Canonical mode name ("int8", "fp8", "fp8-compute", "none") for a mode or one of its aliases;
-    compute=False refuses fp8-compute (the text encoder runs no backward and gains nothing from it)."""
+    """Canonical mode name ("int8", "fp8", "fp8-compute", "none") for a mode or one of its aliases.
+    compute=False refuses fp8-compute (the text encoder runs no backward and gains nothing)."""
     mode = ALIASES.get(name, name)
     if mode not in MODES or (mode == "fp8-compute" and not compute):
         choices = ", ".join(m for m in [*MODES, *ALIASES] if compute or m != "fp8-compute")
@@ -66,50 +68,45 @@ def normalize_mode(name: str, compute: bool = True) -> str:
     return mode
 
 
-def check_device(mode: str, device) -> None:
-    """fp8-compute needs fp8 tensor cores on CUDA (Ada, Hopper and newer: compute capability 8.9+)."""
-    device = torch.device(device)
-    if mode == "fp8-compute" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(f"fp8-compute needs fp8 tensor cores (compute capability 8.9+), not {name}; use fp8")
-
-
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scale): per-output-row symmetric quantization of a float (out, in) weight, on w's device.
-    The float32 work is done 16M elements at a time, so its temporary never exceeds 64 MB however large
-    the weight (the loader's peak memory stays near the quantized size)."""
-    absmax = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).float()  # (out,), in w's dtype: exact, no copy
-    scale = torch.where(absmax > 0, absmax / QMAX[mode], torch.ones_like(absmax))  # an all-zero row stays 0
+    """(codes, scale): per-output-row symmetric quantization of a float (out, in) weight, on w's
+    device. The float32 work is done 16M elements at a time, so its temporary never exceeds 64 MB
+    however large the weight (the loader's peak memory stays near the quantized size)."""
+    absmax = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).float()  # (out,): exact, no copy of w
+    scale = torch.where(absmax > 0, absmax / QMAX[mode], 1.0)  # an all-zero row stays 0
     codes = torch.empty(w.shape, dtype=QDTYPE[mode], device=w.device)
     step = max(1, (1 << 24) // max(1, w.shape[1]))  # rows per block
     for i in range(0, w.shape[0], step):
-        block = w[i : i + step].to(torch.float32, copy=True).div_(scale[i : i + step, None])  # (rows, in)
+        block = w[i : i + step].to(torch.float32, copy=True)  # (rows, in)
+        block.div_(scale[i : i + step, None])
         block = block.round_().clamp_(-127, 127) if mode == "int8" else block.clamp_(-448, 448)
         codes[i : i + step] = block.to(codes.dtype)  # the fp8 cast rounds to nearest
     return codes, scale
 
 
 def _dequantized(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes (out, in) x scale (out,) in the compute dtype, made once per call and dropped after it."""
+    """codes (out, in) x scale (out,) in the compute dtype, made once per call, dropped after it."""
     return weight.to(dtype).mul_(scale.to(dtype)[:, None])
 
 
 class _QuantLinearFn(torch.autograd.Function):
-    """y = x @ (q * scale)^T + bias, the weight expanded in the compute dtype so the matmul keeps its fused
-    bias (one pass over the weight, none over the larger output); backward expands it again instead of
-    saving a float copy."""
+    """y = x @ (q * scale)^T + bias, the weight expanded in the compute dtype so the matmul keeps
+    its fused bias (one pass over the weight, none over the larger output); backward expands it
+    again instead of saving a float copy."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
-        # Expand straight into the dtype the matmul runs in: under autocast an fp32 x would otherwise
-        # get an fp32 copy of the weight and then autocast's bf16 copy of that.
+        # Expand straight into the dtype the matmul runs in: under autocast an fp32 x would
+        # otherwise get an fp32 copy of the weight and then autocast's bf16 copy of that.
         auto = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if auto else x.dtype
         ctx.save_for_backward(weight, scale)
         ctx.has_bias = bias is not None
         return F.linear(
-            x.to(dtype), _dequantized(weight, scale, dtype), None if bias is None else bias.to(dtype)
+            x.to(dtype),
+            _dequantized(weight, scale, dtype),
+            None if bias is None else bias.to(dtype),
         )
 
     @staticmethod
@@ -122,25 +119,32 @@ class _QuantLinearFn(torch.autograd.Function):
         return grad_x, None, None, grad_bias
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of activations x (tokens, in) for fp8 compute: e4m3 codes (tokens, in) and one
+    float32 scale per token (tokens, 1), x ~ codes * scale. The codes are x times 448 / amax made in
+    x's dtype, that factor capped at the dtype's largest value (a zero token: codes 0, not 0 / 0);
+    the scale is the float32 reciprocal of the factor used. A scale amax / 448 kept in float16 would
+    be coarse for amax below 0.027 and 0 below 1.4e-5 (a zero token gave 0 / 0 = NaN codes)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()  # (tokens, 1), exact
+    factor = (QMAX["fp8"] / amax).clamp(max=torch.finfo(x.dtype).max)  # 448 / 0 = inf: capped
+    factor = factor.to(x.dtype)  # applied in x's dtype: no float32 copy of x
+    codes = (x * factor).clamp_(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
+    return codes, 1 / factor.float()
+
+
 class _Fp8MatmulFn(torch.autograd.Function):
-    """fp8 compute: y = (x_q @ q^T) * s_x s_w + bias on fp8 tensor cores (torch._scaled_mm). Activations get
-    one e4m3 scale per token (row), the weight keeps its per-channel scale; the input gradient is computed
-    in the compute dtype from the expanded weight (gradients are not quantized)."""
+    """fp8 compute: y = (x_q @ q^T) * s_x s_w + bias on fp8 tensor cores (torch._scaled_mm).
+    Activations get one e4m3 scale per token (quantize_activations), the weight keeps its
+    per-channel scale; the input gradient is computed in the compute dtype from the expanded weight
+    (gradients are not quantized)."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
         dtype, shape = x.dtype, x.shape
-        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
-        # per-token scales, rounded to the compute dtype first: the codes and _scaled_mm then use the same
-        # number, and no float32 copy of the activations is made
-        sx = (x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / QMAX["fp8"]).to(
-            dtype
-        )  # (tokens, 1)
-        xq = (x2 / sx).clamp_(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
+        xq, sx = quantize_activations(x.reshape(-1, shape[-1]))  # (tokens, in), (tokens, 1) float32
         b = None if bias is None else bias.to(dtype)
-        y = torch._scaled_mm(
-            xq, weight.t(), scale_a=sx.float(), scale_b=scale[None].float(), bias=b, out_dtype=dtype
-        )
+        sw = scale[None].float()  # (1, out)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw, bias=b, out_dtype=dtype)
         ctx.save_for_backward(weight, scale)
         ctx.has_bias = bias is not None
         return y.reshape(*shape[:-1], -1)
@@ -149,30 +153,39 @@ class _Fp8MatmulFn(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """Frozen Linear: int8 / fp8 `weight` buffer (out, in), float32 `scale` buffer (out,), frozen `bias`."""
+    """Frozen Linear: int8 / fp8 `weight` buffer (out, in), float32 `scale` buffer (out,), bias."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, mode: str = "int8", device=None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mode: str = "int8",
+        device=None,
     ):
         super().__init__()
         mode = normalize_mode(mode)
         assert mode != "none", "QuantLinear needs int8, fp8 or fp8-compute"
         # fp8-compute stores fp8 codes like fp8 and multiplies them in fp8 (see _Fp8MatmulFn)
-        self.in_features, self.out_features, self.compute = in_features, out_features, mode == "fp8-compute"
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute = mode == "fp8-compute"
         self.mode = "fp8" if self.compute else mode
-        # Buffers, not Parameters: frozen for free, yet still in state_dict() and moved by .to(device).
+        # Buffers, not Parameters: frozen for free, yet in state_dict() and moved by .to(device).
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features, dtype=QDTYPE[self.mode], device=device)
         )
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        b = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-        self.register_parameter("bias", b)
+        b = torch.zeros(out_features, device=device)
+        self.register_parameter("bias", nn.Parameter(b, requires_grad=False) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, mode: str) -> "QuantLinear":
-        """Quantize an nn.Linear; on the meta device this only builds empty buffers for the loader to fill."""
+        """Quantize an nn.Linear; on the meta device, only empty buffers for the loader to fill."""
         w, b = linear.weight, linear.bias
-        q = cls(linear.in_features, linear.out_features, bias=b is not None, mode=mode, device=w.device)
+        q = cls(
+            linear.in_features, linear.out_features, bias=b is not None, mode=mode, device=w.device
+        )
         if b is not None:
             q.bias = nn.Parameter(b.detach(), requires_grad=False)  # keeps the bias's own dtype
         if not w.is_meta:
@@ -180,7 +193,8 @@ class QuantLinear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = _Fp8MatmulFn if self.compute and x.dtype in (torch.bfloat16, torch.float16) else _QuantLinearFn
+        fp8_matmul = self.compute and x.dtype in (torch.bfloat16, torch.float16)
+        fn = _Fp8MatmulFn if fp8_matmul else _QuantLinearFn
         return fn.apply(x, self.weight, self.scale, self.bias)
 
     def dequantize(self) -> torch.Tensor:
@@ -193,23 +207,26 @@ class QuantLinear(nn.Module):
         self.weight, self.scale = quantize_weight(w, self.mode)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The loader hands us checkpoint tensors one at a time (weight and bias in separate calls): a float
-        # weight is quantized here, on its device, so only its int8/fp8 form outlives this call. A weight
-        # already in our code dtype (our own state_dict) is taken as it is, together with its scale.
+        # The loader hands us checkpoint tensors one at a time (weight and bias in separate calls):
+        # a float weight is quantized here, on its device, so only its int8/fp8 form outlives this
+        # call. A weight already in our code dtype (our own state_dict) is taken as it is, together
+        # with its scale.
         w = state_dict.get(prefix + "weight")
         if w is not None and w.dtype != self.weight.dtype:
             if not w.is_floating_point():
                 raise ValueError(
                     f"{prefix}weight: cannot load a {w.dtype} tensor into a {self.mode} QuantLinear"
                 )
-            state_dict[prefix + "weight"], state_dict[prefix + "scale"] = quantize_weight(w, self.mode)
+            codes, scale = quantize_weight(w, self.mode)
+            state_dict[prefix + "weight"] = codes
+            state_dict[prefix + "scale"] = scale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts every floating tensor, and e4m3 counts as floating: cast the codes back
-        # (exact, since every e4m3 value is representable in bf16/fp16/fp32) so the weight stays 8-bit.
+        # Module.to(dtype) casts every floating tensor, and e4m3 counts as floating: cast the codes
+        # back (exact: every e4m3 value is representable in bf16/fp16/fp32), the weight stays 8-bit.
         super()._apply(fn, recurse)
-        if self.weight.dtype != QDTYPE[self.mode]:
+        if self.weight is not None and self.weight.dtype != QDTYPE[self.mode]:  # None: offloaded
             self.weight = self.weight.to(QDTYPE[self.mode])
         return self
 
@@ -218,9 +235,12 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={mode}"
 
 
-def quantize_model(model: nn.Module, mode: str, targets: list[str] | tuple[str, ...] | None = None) -> int:
-    """Replace every nn.Linear whose dotted name matches a `targets` regex (re.search) with a QuantLinear;
-    returns how many. Works on real weights and on a meta-device model still waiting for its checkpoint."""
+def quantize_model(
+    model: nn.Module, mode: str, targets: list[str] | tuple[str, ...] | None = None
+) -> int:
+    """Replace every nn.Linear whose dotted name matches a `targets` regex (re.search) with a
+    QuantLinear; returns how many. Works on real weights and on a meta-device model still waiting
+    for its checkpoint."""
     mode = normalize_mode(mode)
     if mode == "none":
         return 0
@@ -237,81 +257,34 @@ def quantize_model(model: nn.Module, mode: str, targets: list[str] | tuple[str, 
     return len(chosen)
 
 
-class BlockOffload:
-    """Keep the frozen weights of some blocks in (pinned) CPU memory and stream each block's to the GPU just
-    before it runs, on a side stream, while the block before it computes; they are dropped again when it is
-    done. Trainable tensors (LoRA) stay on the GPU. Works with gradient checkpointing: the recomputation in
-    the backward pass fetches the block again (in reverse order, prefetching backwards); such a recomputation
-    may stop before the block's end, so a block is also released when the next one is fetched. Without
-    checkpointing a training step keeps every block's weights alive for the backward pass and saves nothing.
-    On a CPU "device" the copies are plain copies, which is how the tests hold it to bit-identity."""
-
-    def __init__(self, blocks: list[nn.Module], offloaded: list[int], device):
-        self.blocks, self.device, self.last, self.installed = blocks, torch.device(device), -1, None
-        self.offloaded = sorted(offloaded)
-        cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.host: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}  # block -> (module, name, cpu)
-        self.pending: dict[int, tuple[list[torch.Tensor], object]] = {}  # block -> (device copies, event)
-        for i in self.offloaded:
-            self.host[i] = []
-            for m in blocks[i].modules():
-                for name, t in [*m._parameters.items(), *m._buffers.items()]:
-                    if t is None or t.requires_grad:
-                        continue
-                    m._parameters.pop(name, None)  # a frozen parameter becomes a buffer: same state_dict key
-                    m._buffers[name] = None  # idle: nothing on the device; .to() skips it
-                    cpu = t.detach().cpu()
-                    self.host[i].append((m, name, cpu.pin_memory() if cuda else cpu))
-            blocks[i].register_forward_pre_hook(self._before)
-            blocks[i].register_forward_hook(self._after)
-
-    def _start(self, i: int) -> None:
-        """Begin copying block i's weights to the device (on the side stream when there is one)."""
-        if i in self.pending or i not in self.host:
-            return
-        if self.stream is None:
-            self.pending[i] = ([t.to(self.device, copy=True) for _, _, t in self.host[i]], None)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            copies = [t.to(self.device, non_blocking=True) for _, _, t in self.host[i]]
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.pending[i] = (copies, event)
-
-    def _before(self, block: nn.Module, args) -> None:
-        i = next(k for k in self.offloaded if self.blocks[k] is block)
-        if self.installed not in (None, i):  # a recomputation stopped early skips _after: release it here
-            self._release(self.installed)
-        self._start(i)
-        copies, event = self.pending.pop(i)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-        for (m, name, _), t in zip(self.host[i], copies, strict=True):
-            if event is not None:  # made on the side stream, used on this one: keep the allocator off it
-                t.record_stream(torch.cuda.current_stream(self.device))
-            m._buffers[name] = t
-        self.installed = i
-        step = 1 if i >= self.last else -1  # forward, or the backward pass's recomputation
-        self.last = i
-        ahead = [k for k in self.offloaded if (k - i) * step > 0]
-        if ahead:
-            self._start(min(ahead) if step > 0 else max(ahead))
-
-    def _after(self, block: nn.Module, args, output) -> None:
-        self._release(next(k for k in self.offloaded if self.blocks[k] is block))
-
-    def _release(self, i: int) -> None:
-        for m, name, _ in self.host[i]:
-            m._buffers[name] = None  # autograd keeps what the backward pass saved; the rest is freed
-        self.installed = None if self.installed == i else self.installed
+def fp8_matmul_error(device) -> str | None:
+    """The first line of the error that one real fp8-compute matmul raises on `device`, or None if
+    it runs: torch._scaled_mm with a scale per token and one per channel, as every fp8-compute layer
+    calls it. A compute capability does not tell whether this torch build has that kernel."""
+    probe = QuantLinear(64, 32, mode="fp8-compute", device=device)
+    x = torch.ones(16, 64, device=device, dtype=torch.bfloat16)
+    try:
+        probe(x).sum().item()  # .item() waits for the kernel, so a failure surfaces here
+    except (RuntimeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    return None
 
 
-def offload_blocks(blocks: list[nn.Module], n: int, device) -> BlockOffload:
-    """Stream the frozen weights of the first n of `blocks` from CPU memory (BlockOffload)."""
-    assert 0 < n <= len(blocks), f"offload_blocks {n}: the model has {len(blocks)} blocks"
-    return BlockOffload(blocks, list(range(n)), device)
+def check_device(mode: str, device) -> None:
+    """A one-line ValueError if `device` cannot run `mode`. fp8-compute needs a CUDA GPU on which
+    one real fp8 matmul runs: fp8 tensor cores (Ada, Hopper, newer) and a torch with the kernel."""
+    if mode != "fp8-compute":
+        return
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(
+            f"fp8-compute needs a CUDA GPU with fp8 tensor cores, not {device.type}; use fp8"
+        )
+    if error := fp8_matmul_error(device):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"fp8-compute does not run on {name} with torch {torch.__version__} ({error}); use fp8"
+        )
 
 
 def weight_bytes(model: nn.Module) -> int:
