@@ -652,7 +652,15 @@ def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, li
         raise DataError(
             [f"dataset(s) {', '.join(wrong)} do not fit the {flavour} checkpoint {ckpt}: {why}"]
         )
-    head_dim = M.read_transformer_config(ckpt).attention_head_dim
+    transformer_config = M.read_transformer_config(ckpt)
+    blocks = transformer_config.num_layers + transformer_config.num_single_layers
+    if cfg.offload_blocks > blocks:
+        raise ValueError(f"offload_blocks = {cfg.offload_blocks}: the transformer has {blocks} blocks")
+    try:
+        quant.check_device(quant.normalize_mode(cfg.base_model_precision), device)
+    except ValueError as e:
+        raise ValueError(f"base_model_precision = {cfg.base_model_precision!r}: {e}") from None
+    head_dim = transformer_config.attention_head_dim
     dtype = config.model_dtype(device, cfg.mixed_precision)
     key = "attention_backend ="
     config.check_attention(cfg.attention_backend, device, dtype, head_dim, True, key)
@@ -705,7 +713,7 @@ def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> pipe
     ident = model_identity(ckpt)
     w, h = max((s.bucket for s in samples), key=lambda b: b[0] * b[1])
     what = f"caching latents and prompts (buckets up to {w}x{h})"
-    with pipeline.explain_oom(what, config.TRAIN_KNOBS):
+    with pipeline.explain_oom(what, config.TRAIN_KNOBS, device):
         for v in val:
             v["ref_latent"] = None
             if v["ref_image"] is not None:

@@ -397,7 +397,7 @@ def generate(
 
     txt = txt.to(param)
     neg = None if neg is None else neg.to(param)
-    with explain_oom(f"sampling {w}x{h}"):
+    with explain_oom(f"sampling {w}x{h}", device=param.device):
         z = sample(
             transformer,
             noise,
@@ -415,7 +415,7 @@ def generate(
             "the sampled image is not finite (NaN or inf): a LoRA or --lora-scale that breaks the "
             "model, or float16 overflow (try --dtype bfloat16)"
         )
-    with explain_oom(f"decoding {w}x{h}"):
+    with explain_oom(f"decoding {w}x{h}", device=param.device):
         return images.tensor_to_pil(M.from_latent(vae, z)), previews
 
 
@@ -431,16 +431,15 @@ class OutOfMemory(ValueError):
 
 
 @contextmanager
-def explain_oom(what: str, knobs: str = KNOBS):
+def explain_oom(what: str, knobs: str = KNOBS, device: torch.device | None = None):
     """A CUDA out-of-memory error inside the block becomes OutOfMemory: one line naming `what` was
-    being done, the allocation that failed, the memory in use, and the knobs."""
+    being done, the allocation that failed, the memory in use on `device`, and the knobs."""
     try:
         yield
     except torch.OutOfMemoryError as e:
         tried = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", str(e))
         detail = tried.group(0).lower() if tried else "no detail"
-        device = torch.cuda.current_device() if torch.cuda.is_available() else None
-        if device is not None:
+        if device is not None and device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory / 2**30
             used = torch.cuda.memory_allocated(device) / 2**30
             detail += f"; {used:.1f} of {total:.1f} GiB in use"
@@ -497,10 +496,10 @@ def build_transformer(
     3. the first `offload_blocks` blocks' frozen weights to pinned CPU memory, streamed in as they
        run; everything else to `device`;
     4. torch.compile on each block's compute (regional).
-    Out of memory on the way is one line naming the stage and the `knobs`."""
-    quant.check_device(quant.normalize_mode(quant_mode), device)
+    Out of memory on the way is one line naming the stage and the `knobs`. Whether the device can
+    run `quant_mode` is the caller's check (quant.check_device), made before any work."""
     where = torch.device("cpu") if offload_blocks else device  # offloaded blocks stay on the CPU
-    with explain_oom("loading the transformer", knobs):
+    with explain_oom("loading the transformer", knobs, device):
         if isinstance(source, M.TransformerConfig):
             default = torch.get_default_dtype()
             torch.set_default_dtype(dtype)  # made in dtype: the released model in float32 is 25 GB
@@ -516,10 +515,9 @@ def build_transformer(
             transformer = M.load_transformer(source, dtype, where, convert=quantizer(quant_mode))
     if adapt is not None:
         adapt(transformer)
-    with explain_oom(f"moving the transformer to {device}", knobs):
+    with explain_oom(f"moving the transformer to {device}", knobs, device):
         if offload_blocks:
-            blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-            transformer.offload = quant.offload_blocks(blocks, offload_blocks, device)
+            transformer.offload_blocks(offload_blocks, device)
         transformer.to(device)
     if compile:
         transformer.compile_blocks()
@@ -606,7 +604,7 @@ class Models:
                 elif other in self.built:
                     self.drop(other)
         if name not in self.built:
-            with explain_oom(f"loading the {name.replace('_', ' ')}"):
+            with explain_oom(f"loading the {name.replace('_', ' ')}", device=self.device):
                 self.built[name] = getattr(self, f"_load_{name}")()
             self.loads[name] += 1
         self._move(name, self.device)
@@ -617,7 +615,7 @@ class Models:
         if isinstance(m, TextEncoder):
             m = m.model
         if next(m.parameters()).device != device:
-            with explain_oom(f"moving the {name.replace('_', ' ')} to {device}"):
+            with explain_oom(f"moving the {name.replace('_', ' ')} to {device}", device=device):
                 m.to(device)
             free_memory()
 
@@ -653,7 +651,7 @@ def render(models: Models, prompt: str, ref, s: Settings, on_step=None, progress
     else:
         size = (1024, 1024)
     refs = [r.resize(size, Image.LANCZOS) for r in refs]
-    with explain_oom("encoding the prompt"):
+    with explain_oom("encoding the prompt", device=models.device):
         te = models.text_encoder()
         txt = te.encode(prompt, refs or None)
         neg = None
@@ -661,7 +659,7 @@ def render(models: Models, prompt: str, ref, s: Settings, on_step=None, progress
             neg = te.encode(s.negative, refs or None)
     vae = models.vae()
     latents = []
-    with explain_oom(f"encoding the reference {size[0]}x{size[1]}"):
+    with explain_oom(f"encoding the reference {size[0]}x{size[1]}", device=models.device):
         for r in refs:
             latents.append(M.to_latent(vae, images.pil_to_tensor(r).to(models.device)))
     transformer = models.transformer()

@@ -408,7 +408,7 @@ def run_validation(
         refs = []
         if v["ref_latent"] is not None:
             refs = [v["ref_latent"].to(models.device)]
-        with pipeline.explain_oom(f"validation at step {step}", config.TRAIN_KNOBS):
+        with pipeline.explain_oom(f"validation at step {step}", config.TRAIN_KNOBS, models.device):
             image, previews = pipeline.generate(
                 transformer, vae, v["txt"], v["neg"], models.sched, s, refs, progress=False
             )
@@ -497,7 +497,8 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
                 break
             opt.zero_grad(set_to_none=True)
             where = f"training step {step + 1} ({'x'.join(map(str, batch['bucket']))}, {per_gpu} per GPU)"
-            with pipeline.explain_oom(where, f"{config.TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"):
+            knobs = f"{config.TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"
+            with pipeline.explain_oom(where, knobs, device):
                 loss, norm = train_step(transformer, batch, step, cfg, models.sched, params, device)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # checked before the update: never applied
                 raise stop_non_finite(out, step, loss, norm, run) if rank == 0 else FloatingPointError(loss)
