@@ -125,15 +125,13 @@ UNSUPPORTED = {
 
 def _add_to_base(base: nn.Module, delta: torch.Tensor) -> None:
     """base.weight += delta (out, in), in float32, then cast back or requantized."""
+    weight = getattr(base, "weight", None)
     if hasattr(base, "dequantize") and hasattr(base, "load_float_weight"):  # quant.QuantLinear
         w = base.dequantize().float()
         base.load_float_weight(w + delta.to(w.device))
-    elif (
-        isinstance(getattr(base, "weight", None), torch.Tensor) and base.weight.is_floating_point()
-    ):
-        w = base.weight
+    elif isinstance(weight, torch.Tensor) and weight.is_floating_point():
         with torch.no_grad():
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
     else:
         raise ValueError(
             f"cannot merge an adapter into a {type(base).__name__}: it has neither a float "
@@ -144,7 +142,9 @@ def _add_to_base(base: nn.Module, delta: torch.Tensor) -> None:
 class LoRALinear(nn.Module):
     """`base(x) + multiplier * alpha / rank * lora_B(lora_A(dropout(x)))` around a frozen base."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout=0.0, dtype=torch.float32):
+    def __init__(
+        self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32
+    ):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -772,7 +772,9 @@ def _check_keys(where: str, config: dict, allowed: tuple[str, ...], warnings: li
             elif isinstance(expected, float):
                 value = float(value or 0)
             if value != expected:
-                raise ValueError(f"lycoris_config: {where}{key} = {value!r}: only {expected!r} is")
+                raise ValueError(
+                    f"lycoris_config: {where}{key} = {value!r}: only {expected!r} works"
+                )
         elif key in LYCORIS_IGNORED:
             warnings.append(f"lycoris_config: {where}{key} is ignored: {LYCORIS_IGNORED[key]}")
         elif key not in allowed:
