@@ -659,6 +659,11 @@ def test_lokr_save_load_round_trip_is_exact(tmp_path):
     fresh = copy.deepcopy(base)  # validate.py --lora: adapters injected by the loader
     load_lora(fresh, tmp_path / "lokr.safetensors")
     assert torch.equal(fresh(x), model(x))
+    # from a state dict (an EMA copy, say), alpha given once, as for a LoRA state dict
+    save_lora(tmp_path / "state.safetensors", lora_state_dict(model), alpha=0.3)
+    assert safetensors.torch.load_file(tmp_path / "state.safetensors").keys() == stored.keys()
+    load_lora(fresh, tmp_path / "state.safetensors")
+    assert torch.equal(fresh(x), model(x))
 
 
 def comfy_lokr_weight(tensors: dict, key: str, weight: torch.Tensor) -> torch.Tensor:
