@@ -41,8 +41,9 @@ except ModuleNotFoundError:  # Python 3.10
 DEFAULT_MODEL = "meituan-longcat/LongCat-Image-Edit"
 # What lowers memory, for the out-of-memory message.
 TRAIN_KNOBS = (
-    'base_model_precision = "int8", text_encoder_precision = "int8", a smaller dataset resolution, a lower '
-    "lora_rank, checkpoint_keep_attention = false, train_batch_size = 1 or offload_blocks = N"
+    'base_model_precision = "int8", text_encoder_precision = "int8", a smaller dataset '
+    "resolution, a lower lora_rank, checkpoint_keep_attention = false, train_batch_size = 1 or "
+    "offload_blocks = N"
 )
 # The released checkpoint of each model_flavour (SimpleTuner's names).
 FLAVOUR_MODELS = {
@@ -52,7 +53,7 @@ FLAVOUR_MODELS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The checkpoint a user names
 
 
@@ -85,7 +86,7 @@ def resolve_checkpoint(name: str | Path, base: Path | None = None) -> Path:
     return M.check_checkpoint(path)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Devices, dtypes, attention kernels
 
 DTYPES = {
@@ -159,7 +160,7 @@ def check_attention(
         ) from None
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config.toml
 
 
@@ -327,7 +328,8 @@ def check_type(key: str, value, where: str):
 
 
 def parse_override(arg: str) -> tuple[str, object]:
-    """--key=value, the value read as TOML when it parses (numbers, true/false, lists), else as a string."""
+    """--key=value, the value read as TOML when it parses (numbers, true/false, lists), else as a
+    string."""
     if not arg.startswith("--") or "=" not in arg:
         raise ValueError(f"command line: {arg!r} is not --key=value")
     key, text = arg[2:].split("=", 1)

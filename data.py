@@ -1,37 +1,38 @@
-"""Datasets for minicat: SimpleTuner-style `[[datasets]]` config, image reading, aspect buckets, latent and
-text-embedding caches, and a resumable bucketed loader.
+"""Datasets for minicat: SimpleTuner-style `[[datasets]]` config, image reading, aspect buckets,
+latent and text-embedding caches, and a resumable bucketed loader.
 
-An edit dataset (captions = instructions) names its reference dataset in `conditioning_data`; files pair by
-their path inside the folder minus the extension (folders are searched recursively, hidden ones skipped). Both
-images of a pair are resized (cover, Lanczos) and centre-cropped into the bucket nearest the *target's* aspect
-ratio, so a reference never gets a size of its own or a W/H swap and batches > 1 stack (ostris/ai-toolkit#487,
-#707). A dataset that names no reference and is named by none is text-to-image. Buckets follow the official
-recipe's 64-px tables: area ~ resolution², aspect 0.5-2 (meituan-longcat/LongCat-Image
-train_examples, its bucket tables). As in SimpleTuner, captions on the
-reference set are optional and, when present, replace the edit set's (a warning says so).
+An edit dataset (captions = instructions) names its reference dataset in `conditioning_data`; files
+pair by their path inside the folder minus the extension (folders are searched recursively, hidden
+ones skipped). Both images of a pair are resized (cover, Lanczos) and centre-cropped into the bucket
+nearest the *target's* aspect ratio, so a reference never gets a size of its own or a W/H swap and
+batches > 1 stack (ostris/ai-toolkit#487, #707). A dataset that names no reference and is named by
+none is text-to-image. Buckets follow the official recipe's 64-px tables: area ~ resolution², aspect
+0.5-2 (meituan-longcat/LongCat-Image train_examples, its bucket tables). As in SimpleTuner, captions
+on the reference set are optional and, when present, replace the edit set's (a warning says so).
 
-Images are read one way everywhere (`load_rgb`: EXIF rotation applied, transparency composited on white,
-size-limited before decoding) and become tensors one way (`pil_to_tensor`, diffusers' arithmetic), so a
-validation reference and a training image of the same file give the same latent.
+Images are read one way everywhere (`load_rgb`: EXIF rotation applied, transparency composited on
+white, size-limited before decoding) and become tensors one way (`pil_to_tensor`, diffusers'
+arithmetic), so a validation reference and a training image of the same file give the same latent.
 
-Cache entries are safetensors files named by the sha256 of everything they depend on (image bytes, bucket,
-model identity, dtype, the text encoder's precision, CACHE_VERSION), so a changed image, bucket, model or
-precision is a miss, never a stale hit. Latents are stored float32 [16, H/8, W/8]; text embeddings [L, D] in
-the encoder's dtype (~50x larger). An edit embedding sees the reference, so it is keyed by (instruction,
-reference bytes, bucket), and every reference also gets the empty instruction for caption dropout, encoded
-with the real reference as the official recipe does (LongCat-Image train_examples/edit_lora). Every entry is read in
-full and checked (shape, finite values) before it is used; a bad one is named and made again. Writes go to
-`<name>.tmp-<pid>`, then os.replace, so a killed run leaves no half entry under a real name. All latents are
-encoded before any text, so the VAE and the text encoder need not be on the GPU together. Dataset folders are
-only ever read.
+Cache entries are safetensors files named by the sha256 of everything they depend on (image bytes,
+bucket, model identity, dtype, the text encoder's precision, CACHE_VERSION), so a changed image,
+bucket, model or precision is a miss, never a stale hit. Latents are stored float32 [16, H/8, W/8];
+text embeddings [L, D] in the encoder's dtype (~50x larger). An edit embedding sees the reference,
+so it is keyed by (instruction, reference bytes, bucket), and every reference also gets the empty
+instruction for caption dropout, encoded with the real reference as the official recipe does
+(LongCat-Image train_examples/edit_lora). Every entry is read in full and checked (shape, finite
+values) before it is used; a bad one is named and made again. Writes go to `<name>.tmp-<pid>`, then
+os.replace, so a killed run leaves no half entry under a real name. All latents are encoded before
+any text, so the VAE and the text encoder need not be on the GPU together. Dataset folders are only
+ever read.
 
 Checks run before any encoder call and name every offender at once; skipped files are reported.
-`python data.py config.toml` is train.py stopping once the data is checked and cached, with a report.
+`python data.py config.toml` is train.py stopping once the data is checked and cached, with a
+report.
 """
 
 import difflib
 import hashlib
-import io
 import json
 import math
 import os
@@ -43,7 +44,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -58,7 +58,9 @@ import model as M
 import pipeline
 import quant
 
-CACHE_VERSION = "minicat-data-2"  # bump when this file changes what an entry holds: all entries then miss
+CACHE_VERSION = (
+    "minicat-data-2"  # bump when this file changes what an entry holds: all entries then miss
+)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 LATENT_CHANNELS, VAE_FACTOR = 16, 8  # the FLUX.1 VAE: 16 latent channels, 8x down
 
@@ -71,7 +73,7 @@ class DataError(ValueError):
         super().__init__("\n".join(problems))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config: SimpleTuner's key names, checked strictly
 
 
@@ -81,7 +83,9 @@ class DatasetConfig:
     instance_data_dir: Path
     cache_dir_vae: Path
     cache_dir_text: Path  # default: a `text` folder beside cache_dir_vae
-    resolution: int = 1024  # bucket area = resolution² px (SimpleTuner's pixel_area); not for references
+    resolution: int = (
+        1024  # bucket area = resolution² px (SimpleTuner's pixel_area); not for references
+    )
     alignment: int = 64  # the config's top-level aspect_bucket_alignment
     caption_strategy: str | None = None  # textfile | filename | instanceprompt | None
     instance_prompt: str | None = None
@@ -90,13 +94,29 @@ class DatasetConfig:
     role: str = "t2i"  # "edit", "reference" or "t2i": derived from conditioning_data
 
 
-KEYS = {"id": str, "type": str, "dataset_type": str, "disabled": bool, "instance_data_dir": str,
-        "caption_strategy": str, "instance_prompt": str, "resolution": int, "resolution_type": str,
-        "cache_dir_vae": str, "cache_dir_text": str, "conditioning_data": (str, list),
-        "conditioning_type": str, "repeats": int}  # fmt: skip
-CHOICES = {"type": ["local"], "dataset_type": ["image", "conditioning"], "resolution_type": ["pixel_area"],
-           "caption_strategy": ["textfile", "filename", "instanceprompt", "none"],
-           "conditioning_type": ["reference_strict", "reference_loose"]}  # fmt: skip
+KEYS = {
+    "id": str,
+    "type": str,
+    "dataset_type": str,
+    "disabled": bool,
+    "instance_data_dir": str,
+    "caption_strategy": str,
+    "instance_prompt": str,
+    "resolution": int,
+    "resolution_type": str,
+    "cache_dir_vae": str,
+    "cache_dir_text": str,
+    "conditioning_data": (str, list),
+    "conditioning_type": str,
+    "repeats": int,
+}
+CHOICES = {
+    "type": ["local"],
+    "dataset_type": ["image", "conditioning"],
+    "resolution_type": ["pixel_area"],
+    "caption_strategy": ["textfile", "filename", "instanceprompt", "none"],
+    "conditioning_type": ["reference_strict", "reference_loose"],
+}
 REQUIRED = ("id", "instance_data_dir", "cache_dir_vae")
 
 
@@ -105,10 +125,17 @@ def _key_problems(entry: dict, where: str) -> list[str]:
     for key, value in entry.items():
         if key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
-            out.append(f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            out.append(
+                f"{where}: unknown key '{key}'"
+                + (f" (did you mean '{close[0]}'?)" if close else "")
+            )
             continue
         strings = not isinstance(value, list) or all(isinstance(v, str) for v in value)
-        if not isinstance(value, KEYS[key]) or (KEYS[key] is int and isinstance(value, bool)) or not strings:
+        if (
+            not isinstance(value, KEYS[key])
+            or (KEYS[key] is int and isinstance(value, bool))
+            or not strings
+        ):
             want = "a list of dataset ids" if key == "conditioning_data" else KEYS[key].__name__
             out.append(f"{where}: {key} should be {want}, got {value!r}")
         elif key in CHOICES and value not in CHOICES[key]:
@@ -127,13 +154,21 @@ def _parse_entry(e: dict, where: str, base_dir: Path, alignment: int) -> Dataset
     cond = e.get("conditioning_data", [])
     cond = [cond] if isinstance(cond, str) else cond
     if len(cond) > 1:
-        raise DataError([f"{where}: conditioning_data names {len(cond)} datasets; one is supported"])
+        raise DataError(
+            [f"{where}: conditioning_data names {len(cond)} datasets; one is supported"]
+        )
     vae, text = path(e["cache_dir_vae"]), e.get("cache_dir_text")
     ds = DatasetConfig(
         e["id"], path(e["instance_data_dir"]), vae, path(text) if text else vae.parent / "text"
     )
-    ds.resolution, ds.alignment, ds.repeats = e.get("resolution", 1024), alignment, e.get("repeats", 0)
-    ds.caption_strategy = None if e.get("caption_strategy") in (None, "none") else e["caption_strategy"]
+    ds.resolution, ds.alignment, ds.repeats = (
+        e.get("resolution", 1024),
+        alignment,
+        e.get("repeats", 0),
+    )
+    ds.caption_strategy = (
+        None if e.get("caption_strategy") in (None, "none") else e["caption_strategy"]
+    )
     ds.instance_prompt, ds.conditioning_data = e.get("instance_prompt"), cond[0] if cond else None
     if ds.resolution < alignment:
         raise DataError([f"{where}: resolution {ds.resolution} must be at least {alignment}"])
@@ -141,14 +176,28 @@ def _parse_entry(e: dict, where: str, base_dir: Path, alignment: int) -> Dataset
 
 
 def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> list[DatasetConfig]:
-    """The config's `[[datasets]]` list -> checked DatasetConfigs; relative paths are relative to base_dir."""
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment % 16:
-        raise DataError([f"aspect_bucket_alignment must be a positive multiple of 16, got {alignment!r}"])
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+    """The config's `[[datasets]]` list -> checked DatasetConfigs; relative paths are relative to
+    base_dir."""
+    if (
+        not isinstance(alignment, int)
+        or isinstance(alignment, bool)
+        or alignment <= 0
+        or alignment % 16
+    ):
+        raise DataError(
+            [f"aspect_bucket_alignment must be a positive multiple of 16, got {alignment!r}"]
+        )
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) for e in entries)
+    ):
         raise DataError(["the config needs [[datasets]] tables"])
     problems, datasets = [], []
     for n, e in enumerate(entries):
-        e = {k: v for k, v in e.items() if v is not None}  # a JSON null (SimpleTuner's configs) means unset
+        e = {
+            k: v for k, v in e.items() if v is not None
+        }  # a JSON null (SimpleTuner's configs) means unset
         where = f"dataset '{e['id']}'" if isinstance(e.get("id"), str) else f"datasets[{n}]"
         try:
             if found := _key_problems(e, where):
@@ -166,7 +215,9 @@ def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> l
 def _link_roles(datasets: list[DatasetConfig]) -> None:
     """Mark edit and reference sets from conditioning_data and check what each role needs."""
     ids, by_id, problems = [d.id for d in datasets], {d.id: d for d in datasets}, []
-    problems += [f"dataset '{i}': the id is used twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
+    problems += [
+        f"dataset '{i}': the id is used twice" for i in sorted({i for i in ids if ids.count(i) > 1})
+    ]
     for ds in datasets:
         if ds.conditioning_data == ds.id:
             problems.append(f"dataset '{ds.id}': conditioning_data names the dataset itself")
@@ -181,27 +232,43 @@ def _link_roles(datasets: list[DatasetConfig]) -> None:
     for ds in datasets:
         where = f"dataset '{ds.id}'"
         if ds.role == "reference" and ds.conditioning_data:
-            problems.append(f"{where}: a reference dataset cannot have conditioning_data of its own")
+            problems.append(
+                f"{where}: a reference dataset cannot have conditioning_data of its own"
+            )
         refs = [by_id[ds.conditioning_data]] if ds.role == "edit" else []
-        if ds.role != "reference" and not ds.caption_strategy and not any(r.caption_strategy for r in refs):
-            what = "its instructions" if ds.role == "edit" else "captions (or conditioning_data for edits)"
+        if (
+            ds.role != "reference"
+            and not ds.caption_strategy
+            and not any(r.caption_strategy for r in refs)
+        ):
+            what = (
+                "its instructions"
+                if ds.role == "edit"
+                else "captions (or conditioning_data for edits)"
+            )
             problems.append(f"{where}: needs a caption_strategy for {what}")
         if ds.caption_strategy == "instanceprompt" and not ds.instance_prompt:
             problems.append(f"{where}: caption_strategy 'instanceprompt' needs instance_prompt")
-        for d in datasets:  # a cache inside an image folder would break the promise never to write there
+        for d in (
+            datasets
+        ):  # a cache inside an image folder would break the promise never to write there
             for cache in sorted({ds.cache_dir_vae, ds.cache_dir_text}):
                 if cache.is_relative_to(d.instance_data_dir):
-                    problems.append(f"{where}: cache folder {cache} is inside the images of '{d.id}'")
+                    problems.append(
+                        f"{where}: cache folder {cache} is inside the images of '{d.id}'"
+                    )
     if problems:
         raise DataError(problems)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Images: read one way, turned into tensors one way; buckets
 
+
 def make_buckets(resolution: int, alignment: int = 64) -> list[tuple[int, int]]:
-    """(W, H) on the alignment grid, from tall to wide: for each W the H with W·H closest to resolution²,
-    aspect within 0.5-2, and each bucket's transpose too, so portrait and landscape get the same choices."""
+    """(W, H) on the alignment grid, from tall to wide: for each W the H with W·H closest to
+    resolution², aspect within 0.5-2, and each bucket's transpose too, so portrait and landscape get
+    the same choices."""
     out, area = set(), resolution * resolution
     for w in range(alignment, 2 * resolution + alignment, alignment):
         h = max(alignment, round(area / w / alignment) * alignment)
@@ -215,7 +282,7 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(size[0] / size[1])))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Scanning: pairs, captions, buckets, all checked before any model work
 
 
@@ -247,7 +314,8 @@ def _list_images(ds: DatasetConfig, notes: list[str]) -> dict[str, list[Path]]:
     if skipped:
         exts = "/".join(sorted(IMAGE_EXTS))
         notes.append(
-            f"dataset '{ds.id}': skipped {len(skipped)} file(s) that are not {exts}: {', '.join(skipped)}"
+            f"dataset '{ds.id}': skipped {len(skipped)} file(s) that are not {exts}: "
+            + ", ".join(skipped)
         )
     return files
 
@@ -277,7 +345,9 @@ def _inspect(path: Path) -> tuple[str, tuple[int, int]] | str:
         return f"{path}: cannot read ({e})"
 
 
-def _pair(ds: DatasetConfig, listing: dict, by_id: dict, notes: list[str]) -> tuple[list[Sample], list[str]]:
+def _pair(
+    ds: DatasetConfig, listing: dict, by_id: dict, notes: list[str]
+) -> tuple[list[Sample], list[str]]:
     """The samples of one edit or t2i set, and its problems (orphans, missing captions)."""
     ref_ds = by_id.get(ds.conditioning_data)
     refs = listing[ref_ds.id] if ref_ds else {}
@@ -285,7 +355,9 @@ def _pair(ds: DatasetConfig, listing: dict, by_id: dict, notes: list[str]) -> tu
     for stem, (path, *_) in listing[ds.id].items():
         ref = refs[stem][0] if stem in refs else None
         # the seed: captions on the reference set, where a file has one, replace the edit set's
-        captions = (_captions(ref_ds, ref) if ref and ref_ds.caption_strategy else []) or _captions(ds, path)
+        captions = (_captions(ref_ds, ref) if ref and ref_ds.caption_strategy else []) or _captions(
+            ds, path
+        )
         if ref_ds and ref is None:
             orphans.append(path.relative_to(ds.instance_data_dir).as_posix())
         elif not captions:
@@ -301,13 +373,20 @@ def _pair(ds: DatasetConfig, listing: dict, by_id: dict, notes: list[str]) -> tu
         what = "a caption" + (
             " file (missing, empty, not UTF-8)" if ds.caption_strategy == "textfile" else ""
         )
-        problems.append(f"dataset '{ds.id}': {len(uncaptioned)} without {what}: {', '.join(uncaptioned)}")
+        problems.append(
+            f"dataset '{ds.id}': {len(uncaptioned)} without {what}: {', '.join(uncaptioned)}"
+        )
     if ref_ds and (unused := sorted(set(refs) - set(listing[ds.id]))):
         names = f"{len(unused)} reference(s) without an edit image, skipped: {', '.join(unused)}"
         notes.append(f"dataset '{ref_ds.id}': {names}")
     if ref_ds and ref_ds.caption_strategy:
-        rule = "SimpleTuner's rule; usually unwanted: drop its caption_strategy to keep the instructions"
-        notes.append(f"dataset '{ref_ds.id}' has captions: they replace those of '{ds.id}' ({rule})")
+        rule = (
+            "SimpleTuner's rule; usually unwanted: drop its caption_strategy to keep the "
+            "instructions"
+        )
+        notes.append(
+            f"dataset '{ref_ds.id}' has captions: they replace those of '{ds.id}' ({rule})"
+        )
     return samples, problems
 
 
@@ -318,11 +397,15 @@ def scan(datasets: list[DatasetConfig], notes: list[str] | None = None) -> list[
     notes = [] if notes is None else notes
     for ds in datasets:
         if not ds.instance_data_dir.is_dir():
-            problems.append(f"dataset '{ds.id}': instance_data_dir {ds.instance_data_dir} is not a folder")
+            problems.append(
+                f"dataset '{ds.id}': instance_data_dir {ds.instance_data_dir} is not a folder"
+            )
             continue
         listing[ds.id] = files = _list_images(ds, notes)
         if not files:
-            problems.append(f"dataset '{ds.id}': no {'/'.join(sorted(IMAGE_EXTS))} in {ds.instance_data_dir}")
+            problems.append(
+                f"dataset '{ds.id}': no {'/'.join(sorted(IMAGE_EXTS))} in {ds.instance_data_dir}"
+            )
         for ps in (ps for ps in files.values() if len(ps) > 1):
             problems.append(f"dataset '{ds.id}': {', '.join(p.name for p in ps)} share a name")
     if problems:
@@ -345,7 +428,7 @@ def scan(datasets: list[DatasetConfig], notes: list[str] | None = None) -> list[
     return samples
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Caches
 
 
@@ -355,7 +438,8 @@ def entry_name(*parts: str) -> str:
 
 
 def read_entry(path: Path, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """An entry's tensor, read in full and checked (ours, the expected shape, finite); DataError otherwise."""
+    """An entry's tensor, read in full and checked (ours, the expected shape, finite); DataError
+    otherwise."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -366,8 +450,12 @@ def read_entry(path: Path, key: str, shape: tuple[int, ...] | None = None) -> to
         raise DataError([f"cache entry {path}: unreadable ({type(e).__name__})"]) from None
     if tensor is None:
         raise DataError([f"cache entry {path}: not a {CACHE_VERSION} entry"])
-    if (shape is not None and tuple(tensor.shape) != shape) or tensor.ndim != (3 if key == "latent" else 2):
-        raise DataError([f"cache entry {path}: shape {tuple(tensor.shape)}, expected {shape or '[L, D]'}"])
+    if (shape is not None and tuple(tensor.shape) != shape) or tensor.ndim != (
+        3 if key == "latent" else 2
+    ):
+        raise DataError(
+            [f"cache entry {path}: shape {tuple(tensor.shape)}, expected {shape or '[L, D]'}"]
+        )
     if not torch.isfinite(tensor).all():
         raise DataError([f"cache entry {path}: holds NaN or inf"])
     return tensor
@@ -376,7 +464,11 @@ def read_entry(path: Path, key: str, shape: tuple[int, ...] | None = None) -> to
 def _write(path: Path, key: str, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            f.write(save({key: tensor.detach().cpu().contiguous()}, {**metadata, "format": CACHE_VERSION}))
+            f.write(
+                save(
+                    {key: tensor.detach().cpu().contiguous()}, {**metadata, "format": CACHE_VERSION}
+                )
+            )
             f.flush()
             os.fsync(f.fileno())
 
@@ -384,7 +476,8 @@ def _write(path: Path, key: str, tensor: torch.Tensor, metadata: dict[str, str])
 
 
 def _load_fitted(path: Path, sha: str, bucket: tuple[int, int]) -> Image.Image:
-    """The image in its bucket, refusing a file edited since the scan (its entries carry the old bytes)."""
+    """The image in its bucket, refusing a file edited since the scan (its entries carry the old
+    bytes)."""
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha:
         raise DataError([f"{path} changed while caching; run again"])
@@ -400,7 +493,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"{len(self.samples)} samples; cache entries: {self.hits} reused, {self.misses} written"]
+        lines = [
+            f"{len(self.samples)} samples; cache entries: {self.hits} reused, {self.misses} written"
+        ]
         lines += [f"  {ds} {w}x{h}: {n}" for (ds, w, h), n in sorted(self.buckets.items())]
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
@@ -408,12 +503,14 @@ class Report:
 def plan_entries(
     samples: list[Sample], datasets: list[DatasetConfig], model_id: str, dtype: str, te: str
 ) -> None:
-    """Name every sample's entries (s.entries): latents by image, bucket, model and dtype; texts by caption,
-    (reference, bucket) for edits, model, dtype and the text encoder's precision `te`."""
+    """Name every sample's entries (s.entries): latents by image, bucket, model and dtype; texts by
+    caption, (reference, bucket) for edits, model, dtype and the text encoder's precision `te`."""
     by_id = {d.id: d for d in datasets}
     for s in samples:
         ds, (w, h) = by_id[s.dataset], s.bucket
-        ctx = [s.reference_hash, f"{w}x{h}"] if s.reference else []  # t2i text depends on the text alone
+        ctx = (
+            [s.reference_hash, f"{w}x{h}"] if s.reference else []
+        )  # t2i text depends on the text alone
         latent, text = [f"{w}x{h}", model_id, dtype], [*ctx, model_id, dtype, te]
         s.entries = {
             "target": ds.cache_dir_vae / entry_name("latent", s.target_hash, *latent),
@@ -426,11 +523,14 @@ def plan_entries(
 
 
 def _check_entries(samples: list[Sample], report: Report) -> dict[Path, bool]:
-    """{entry: valid} for every planned entry, read in full (threads: reading and isfinite drop the GIL)."""
+    """{entry: valid} for every planned entry, read in full (threads: reading and isfinite drop
+    the GIL)."""
     jobs = {}
     for s in samples:
         shape = (LATENT_CHANNELS, s.bucket[1] // VAE_FACTOR, s.bucket[0] // VAE_FACTOR)
-        jobs.update({s.entries[k]: ("latent", shape) for k in ("target", "reference") if k in s.entries})
+        jobs.update(
+            {s.entries[k]: ("latent", shape) for k in ("target", "reference") if k in s.entries}
+        )
         jobs.update({p: ("text", None) for p in [*s.entries["texts"], s.entries["empty"]]})
 
     def check(item) -> bool:
@@ -459,11 +559,11 @@ def build_caches(
     samples: list[Sample] | None = None,
     notes: list[str] | None = None,
 ) -> Report:
-    """Write every missing or bad cache entry, reuse every valid one: all latents first, then all texts, so
-    each encoder is asked for only in its own pass (and not at all when its entries are complete).
-    encode_latents: [1, 3, H, W] in [-1, 1] -> [1, 16, H/8, W/8]; encode_text: (prompt, reference at the
-    bucket size or None) -> [1, L, D]. With None encoders it only checks (a miss is an error). `samples`: a
-    scan the caller has just run, with its `notes`."""
+    """Write every missing or bad cache entry, reuse every valid one: all latents first, then all
+    texts, so each encoder is asked for only in its own pass (and not at all when its entries are
+    complete). encode_latents: [1, 3, H, W] in [-1, 1] -> [1, 16, H/8, W/8]; encode_text: (prompt,
+    reference at the bucket size or None) -> [1, L, D]. With None encoders it only checks (a miss is
+    an error). `samples`: a scan the caller has just run, with its `notes`."""
     notes = [] if notes is None else notes
     samples = scan(datasets, notes) if samples is None else samples
     report = Report(samples, Counter((s.dataset, *s.bucket) for s in samples), warnings=list(notes))
@@ -479,14 +579,19 @@ def build_caches(
     report.misses += _encode_latents(samples, status, encode_latents, progress)
     report.misses += _encode_texts(samples, status, encode_text, progress)
     for s in (s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]):
-        report.warnings.append(f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}")
+        report.warnings.append(
+            f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}"
+        )
     return report
 
 
 def _encode_latents(samples: list[Sample], status: dict[Path, bool], encode, progress: bool) -> int:
     """The VAE pass: every missing latent entry (an entry shared by samples is written once)."""
     todo = [
-        (s, k) for s in samples for k in ("target", "reference") if not status.get(s.entries.get(k), True)
+        (s, k)
+        for s in samples
+        for k in ("target", "reference")
+        if not status.get(s.entries.get(k), True)
     ]
     written = 0
     for s, kind in tqdm(
@@ -494,17 +599,23 @@ def _encode_latents(samples: list[Sample], status: dict[Path, bool], encode, pro
     ):
         path, image, (w, h) = s.entries[kind], getattr(s, kind), s.bucket
         if not status[path]:
-            fitted = _load_fitted(image, s.reference_hash if kind == "reference" else s.target_hash, s.bucket)
+            fitted = _load_fitted(
+                image, s.reference_hash if kind == "reference" else s.target_hash, s.bucket
+            )
             with torch.inference_mode():
                 z = encode(images.pil_to_tensor(fitted))
-            assert z.shape == (1, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR), (z.shape, s.bucket)
+            assert z.shape == (1, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR), (
+                z.shape,
+                s.bucket,
+            )
             _write(path, "latent", z[0].float(), {"source": str(image), "bucket": f"{w}x{h}"})
             status[path], written = True, written + 1
     return written
 
 
 def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progress: bool) -> int:
-    """The text-encoder pass: every missing text entry; an edit's text sees its reference at bucket size."""
+    """The text-encoder pass: every missing text entry; an edit's text sees its reference at
+    bucket size."""
     todo = [
         (s, c, p)
         for s in samples
@@ -532,25 +643,31 @@ def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progr
     return written
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loader
 
 
 class Loader:
-    """Shuffled batches from one bucket at a time, read from the caches. Yields dicts:
-    target [B, 16, h, w] f32; reference [B, 16, h, w] f32 or None (t2i); text [B, L, D]; text_empty [B, L, D]
-    (the empty instruction with the same reference, for caption dropout); bucket (W, H); files [B targets];
-    first, the place of the batch's first row in the global batch of all ranks.
+    """Shuffled batches from one bucket at a time, read from the caches. Yields dicts: target [B,
+    16, h, w] f32; reference [B, 16, h, w] f32 or None (t2i); text [B, L, D]; text_empty [B, L, D]
+    (the empty instruction with the same reference, for caption dropout); bucket (W, H); files [B
+    targets]; first, the place of the batch's first row in the global batch of all ranks.
 
-    Epoch e, with a RNG seeded by (seed, e): the samples (each repeats + 1 times) are shuffled within their
-    bucket and cut into global batches of batch_size x world_size; a smaller remainder is dropped, so every
-    step has full, equal batches on every rank (the shuffle drops different ones each epoch). The global
-    batches are shuffled; rank r takes the r-th slice of each, so all ranks share a bucket at every step.
-    Iteration runs on through epochs; state_dict() is the position of the next batch. Every entry is checked
-    as it is read (an entry damaged during the run stops it, named)."""
+    Epoch e, with a RNG seeded by (seed, e): the samples (each repeats + 1 times) are shuffled
+    within their bucket and cut into global batches of batch_size x world_size; a smaller remainder
+    is dropped, so every step has full, equal batches on every rank (the shuffle drops different
+    ones each epoch). The global batches are shuffled; rank r takes the r-th slice of each, so all
+    ranks share a bucket at every step. Iteration runs on through epochs; state_dict() is the
+    position of the next batch. Every entry is checked as it is read (an entry damaged during the
+    run stops it, named)."""
 
     def __init__(
-        self, samples: list[Sample], batch_size: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        samples: list[Sample],
+        batch_size: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         assert 0 <= rank < world_size and batch_size >= 1, (rank, world_size, batch_size)
         self.samples, self.batch_size, self.seed = samples, batch_size, seed
@@ -562,15 +679,23 @@ class Loader:
         self.epoch, self.index = 0, 0
         if len(self) == 0:
             sizes = {f"{w}x{h}": len(g) for (_, w, h), g in self.groups.items()}
-            raise DataError([f"no bucket fills a batch of {batch_size} x {world_size} GPUs; sizes: {sizes}"])
+            raise DataError(
+                [f"no bucket fills a batch of {batch_size} x {world_size} GPUs; sizes: {sizes}"]
+            )
 
     def __len__(self) -> int:
         step = self.batch_size * self.world
-        return sum(sum(self.samples[i].repeats + 1 for i in g) // step for g in self.groups.values())
+        return sum(
+            sum(self.samples[i].repeats + 1 for i in g) // step for g in self.groups.values()
+        )
 
     def plan(self, epoch: int) -> list[list[tuple[int, int]]]:
         """The epoch's global batches, each a list of (sample index, caption variant)."""
-        rng, step, batches = random.Random(f"minicat-{self.seed}-{epoch}"), self.batch_size * self.world, []
+        rng, step, batches = (
+            random.Random(f"minicat-{self.seed}-{epoch}"),
+            self.batch_size * self.world,
+            [],
+        )
         for key in sorted(self.groups):
             items = [i for i in self.groups[key] for _ in range(self.samples[i].repeats + 1)]
             rng.shuffle(items)
@@ -611,15 +736,20 @@ class Loader:
             batches = self.plan(self.epoch)
             while self.index < len(batches):
                 items = batches[self.index]
-                self.index += 1  # before yielding, so a state_dict() taken after a batch points past it
-                first = self.rank * self.batch_size  # this rank's rows start here in the global batch
+                self.index += (
+                    1  # before yielding, so a state_dict() taken after a batch points past it
+                )
+                first = (
+                    self.rank * self.batch_size
+                )  # this rank's rows start here in the global batch
                 yield self.load(items[first : first + self.batch_size]) | {"first": first}
             self.epoch, self.index = self.epoch + 1, 0
 
 
 def model_identity(path: Path) -> str:
-    """What cache entries depend on in a checkpoint: its folder, its small files (configs, tokenizer) by
-    content, and the VAE and text-encoder weights by file name and size (hashing 16 GB a run is too slow)."""
+    """What cache entries depend on in a checkpoint: its folder, its small files (configs,
+    tokenizer) by content, and the VAE and text-encoder weights by file name and size (hashing 16 GB
+    a run is too slow)."""
     h, parts = hashlib.sha256(), ("vae", "text_encoder", "tokenizer", "text_processor")
     files = sorted(p for d in parts for p in (path / d).glob("*") if p.is_file())
     for p in sorted(path.glob("*.json")) + files:
@@ -628,25 +758,28 @@ def model_identity(path: Path) -> str:
     return f"{path.resolve()}#{h.hexdigest()[:16]}"
 
 
-
-
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Before training: the data checked, the caches built, the validation inputs encoded
 
 
 def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, list, list, list]:
-    """(checkpoint, datasets, samples, notes, validation set): every data problem surfaces here, first, then
-    those of the checkpoint (its folder and flavour) and of the attention kernels; no model is loaded."""
+    """(checkpoint, datasets, samples, notes, validation set): every data problem surfaces here,
+    first, then those of the checkpoint (its folder and flavour) and of the attention kernels; no
+    model is loaded."""
     datasets = parse_datasets(cfg.datasets, cfg_dir, cfg.aspect_bucket_alignment)
     notes = []
     samples = scan(datasets, notes)
     ckpt = config.resolve_checkpoint(cfg.pretrained_model_name_or_path, cfg_dir)
     flavour = M.read_flavour(ckpt)
     if cfg.model_flavour and (cfg.model_flavour == "edit") != (flavour == "edit"):
-        raise ValueError(f"model_flavour = {cfg.model_flavour!r}, but {ckpt} is a {flavour} checkpoint")
+        raise ValueError(
+            f"model_flavour = {cfg.model_flavour!r}, but {ckpt} is a {flavour} checkpoint"
+        )
     cfg.model_flavour = cfg.model_flavour or ("edit" if flavour == "edit" else "final")
     if wrong := [
-        d.id for d in datasets if d.role != "reference" and (d.role == "edit") != (flavour == "edit")
+        d.id
+        for d in datasets
+        if d.role != "reference" and (d.role == "edit") != (flavour == "edit")
     ]:
         why = "edit sets (with conditioning_data) need LongCat-Image-Edit, t2i sets LongCat-Image"
         raise DataError(
@@ -655,7 +788,9 @@ def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, li
     transformer_config = M.read_transformer_config(ckpt)
     blocks = transformer_config.num_layers + transformer_config.num_single_layers
     if cfg.offload_blocks > blocks:
-        raise ValueError(f"offload_blocks = {cfg.offload_blocks}: the transformer has {blocks} blocks")
+        raise ValueError(
+            f"offload_blocks = {cfg.offload_blocks}: the transformer has {blocks} blocks"
+        )
     try:
         quant.check_device(quant.normalize_mode(cfg.base_model_precision), device)
     except ValueError as e:

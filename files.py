@@ -79,7 +79,8 @@ def write_new(path: Path, write: Callable[[Path], None], what: str = "") -> None
 
 
 def move_aside(paths: list[Path], why: str) -> list[Path]:
-    """Rename each to `<name>.<why>-<time>` beside it: out of the way, and kept. Returns the new names."""
+    """Rename each to `<name>.<why>-<time>` beside it: out of the way, and kept. Returns the new
+    names."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
     for p in paths:

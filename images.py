@@ -31,7 +31,7 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading and converting
 
 # Pillow raises DecompressionBombError past 2x its own limit (~179 MP) and only warns between 1x and
@@ -76,7 +76,8 @@ def load_rgb(
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1], with diffusers' VaeImageProcessor arithmetic."""
+    """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1], with diffusers' VaeImageProcessor
+    arithmetic."""
     x = torch.from_numpy(
         np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0
     )  # (1, H, W, 3)
@@ -96,7 +97,7 @@ def fit(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     return ImageOps.fit(img, bucket, Image.LANCZOS, centering=(0.5, 0.5))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Validation grids: the rows people look at, with their captions (Pillow only)
 
 
@@ -140,7 +141,7 @@ def validation_grid(rows: list[tuple[str, list[tuple[str, object]]]]):
     return grid
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loss curve, with its axes (Pillow only)
 
 

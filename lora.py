@@ -86,17 +86,31 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-)  # fmt: skip
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 DEFAULT_TARGETS = (*ATTENTION_TARGETS, *FEEDFORWARD_TARGETS)
 # Every Linear of the LongCat transformer, by the names of diffusers, the checkpoint and model.py.
 LINEAR_TARGETS = (
-    *DEFAULT_TARGETS, "x_embedder", "context_embedder", "timestep_embedder.linear_1",
-    "timestep_embedder.linear_2", "norm1.linear", "norm1_context.linear", "norm.linear",
-    "norm_out.linear", "proj_mlp", "proj_out",
-)  # fmt: skip
+    *DEFAULT_TARGETS,
+    "x_embedder",
+    "context_embedder",
+    "timestep_embedder.linear_1",
+    "timestep_embedder.linear_2",
+    "norm1.linear",
+    "norm1_context.linear",
+    "norm.linear",
+    "norm_out.linear",
+    "proj_mlp",
+    "proj_out",
+)
 # The rest of the peft LoraConfig diffusers writes into lora_adapter_metadata (plain LoRA).
 PEFT_REST = dict(
     bias="none",

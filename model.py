@@ -686,10 +686,10 @@ def image_ids(h: int, w: int, text_len: int, modality: int, device=None) -> torc
 def image_sequence(
     noisy: torch.Tensor, references: list[torch.Tensor], text_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The transformer's image stream and position ids: the noised target's tokens (modality 1), then
-    each clean reference's tokens. Reference k gets modality 2 + k on the same (row, col) grid as the
-    target: k = 0 is the official edit input exactly; further references are told apart by the first
-    RoPE axis alone, as frames are, and stay aligned with the target pixel for pixel.
+    """The transformer's image stream and position ids: the noised target's tokens (modality 1),
+    then each clean reference's tokens. Reference k gets modality 2 + k on the same (row, col) grid
+    as the target: k = 0 is the official edit input exactly; further references are told apart by
+    the first RoPE axis alone, as frames are, and stay aligned with the target pixel for pixel.
 
     noisy [B, 16, h, w], each reference [B, 16, h, w] -> (tokens [B, N (1 + K), 64],
     img_ids [N (1 + K), 3], txt_ids [L, 3]) with N = h/2 * w/2 and K references."""
@@ -738,10 +738,17 @@ def schedule(steps: int, seq_len: int, sched: dict) -> torch.Tensor:
 # Loading: safetensors read by hand, every byte checked, names and shapes strict
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_json(path: Path) -> dict:
@@ -867,7 +874,7 @@ def load_vae(path: Path, dtype=torch.float32, device="cpu") -> VAE:
     return load_weights(model, Path(path) / "vae", dtype, device)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The released checkpoint folder (diffusers' layout): what it must hold and what it says
 
 PIPELINES = {"LongCatImageEditPipeline": "edit", "LongCatImagePipeline": "t2i"}
@@ -913,7 +920,9 @@ def read_transformer_config(path: Path) -> TransformerConfig:
 def text_encoder_files(path: Path) -> dict[str, Path]:
     """The Qwen2.5-VL folders: weights (every file's header checked, so a truncated or corrupt one
     is named here, not deep inside transformers), tokenizer and image processor."""
-    found = [path / d for d in IMAGE_PROCESSOR_DIRS if (path / d / "preprocessor_config.json").exists()]
+    found = [
+        path / d for d in IMAGE_PROCESSOR_DIRS if (path / d / "preprocessor_config.json").exists()
+    ]
     if not found:
         raise CheckpointError(f"{path}: text_processor/preprocessor_config.json is missing")
     for f in weight_files(path / "text_encoder"):

@@ -1,26 +1,31 @@
-"""The edit web page: `python validate.py --serve` serves a page on http://127.0.0.1:7860 to upload an image,
-type an instruction and watch LongCat edit it (or, on a `final`/`dev` checkpoint, generate from text).
+"""The edit web page: `python validate.py --serve` serves a page on http://127.0.0.1:7860 to upload
+an image, type an instruction and watch LongCat edit it (or, on a `final`/`dev` checkpoint, generate
+from text).
 
-Standard library only (http.server; `cgi` is gone from Python 3.13, so multipart/form-data is split by hand
-and its part headers read with `email`), so the toolkit gains no dependency for a demo. validate.py loads the
-models once and hands over `render(prompt, ref, settings, on_step)`; this file only turns HTTP into calls
-of it. The API the page uses is the one scripts use:
+Standard library only (http.server; `cgi` is gone from Python 3.13, so multipart/form-data is split
+by hand and its part headers read with `email`), so the toolkit gains no dependency for a demo.
+validate.py loads the models once and hands over `render(prompt, ref, settings, on_step)`; this file
+only turns HTTP into calls of it. The API the page uses is the one scripts use:
 
-    POST /api/edit     multipart/form-data: image (edit), prompt, and optionally negative_prompt, seed,
-                       steps, guidance, width, height, preview_every (default: the command line's) -> PNG
-    GET /api/progress  {"busy": bool, "step": int, "steps": int, "preview": "data:image/png;base64,…" or null}
+    POST /api/edit     multipart/form-data: image (edit), prompt, and optionally negative_prompt,
+    seed,
+                       steps, guidance, width, height, preview_every (default: the command line's)
+                       -> PNG
+    GET /api/progress  {"busy": bool, "step": int, "steps": int, "preview":
+    "data:image/png;base64,…" or null}
 
-The PNG is what `validate.py --out x.png` writes for the same inputs, byte for byte. Safe by default: it
-listens on 127.0.0.1, uploads over 32 MB get 413, bad fields 400 naming the field, a second edit while one
-runs 429, a failed edit 422 (or 500) with one line; never a traceback, in the reply or on the console.
+The PNG is what `validate.py --out x.png` writes for the same inputs, byte for byte. Safe by
+default: it listens on 127.0.0.1, uploads over 32 MB get 413, bad fields 400 naming the field, a
+second edit while one runs 429, a failed edit 422 (or 500) with one line; never a traceback, in the
+reply or on the console.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import ipaddress
 import io
+import ipaddress
 import json
 import math
 import socket
@@ -39,7 +44,6 @@ from PIL import Image
 import images
 import pipeline
 from pipeline import Settings
-
 
 MAX_UPLOAD = 32 * 2**20  # bytes; a camera's JPEG is 5-20 MB
 Render = Callable[..., tuple[Image.Image, list]]
@@ -71,7 +75,8 @@ def parse_form(body: bytes, content_type: str) -> dict[str, tuple[str | None, by
     boundary = header.get_param("boundary")
     if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str):
         raise HTTPError(400, "send multipart/form-data (a form with enctype=multipart/form-data)")
-    # each part starts after CRLF--boundary; the first chunk is the preamble, the last starts with "--"
+    # each part starts after CRLF--boundary; the first chunk is the preamble, the last starts with
+    # "--"
     chunks = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
     if len(chunks) < 2 or not chunks[-1].startswith(b"--"):
         raise HTTPError(400, "the form data is cut short (no closing boundary)")
@@ -170,12 +175,17 @@ def host_allowed(header: str | None, bound: str) -> bool:
 
 
 class EditServer(ThreadingHTTPServer):
-    """The HTTP server holding what every request shares: render, the defaults, the one-edit-at-a-time lock
-    and the progress of the running edit."""
+    """The HTTP server holding what every request shares: render, the defaults, the
+    one-edit-at-a-time lock and the progress of the running edit."""
 
     def __init__(self, address, render: Render, settings: Settings, flavour: str, max_upload: int):
         super().__init__(address, Handler)
-        self.render, self.settings, self.flavour, self.max_upload = render, settings, flavour, max_upload
+        self.render, self.settings, self.flavour, self.max_upload = (
+            render,
+            settings,
+            flavour,
+            max_upload,
+        )
         self.page = page(settings, flavour).encode()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -197,7 +207,9 @@ class EditServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server: EditServer
-    protocol_version = "HTTP/1.1"  # keep-alive for the polls; 100-continue lets curl learn of a 413 first
+    protocol_version = (
+        "HTTP/1.1"  # keep-alive for the polls; 100-continue lets curl learn of a 413 first
+    )
     timeout = 120  # seconds a stalled client may hold its thread
 
     def refuse_foreign_host(self) -> bool:
@@ -239,7 +251,9 @@ class Handler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         cross_site = self.headers.get("Sec-Fetch-Site") == "cross-site"
         if cross_site or (origin and urlsplit(origin).netloc != self.headers.get("Host")):
-            raise HTTPError(403, f"requests from {origin} are refused: use the page this server serves")
+            raise HTTPError(
+                403, f"requests from {origin} are refused: use the page this server serves"
+            )
         fields = parse_form(self.read_body(), self.headers.get("Content-Type", ""))
         prompt = text_field(fields, "prompt")
         if not prompt.strip():
@@ -263,7 +277,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise HTTPError(400, one_line(e)) from None
             self.server.progress = {"busy": True, "step": 0, "steps": s.steps, "preview": None}
             try:
-                image, _ = self.server.render(prompt, ref, s, on_step=self.server.on_step, progress=False)
+                image, _ = self.server.render(
+                    prompt, ref, s, on_step=self.server.on_step, progress=False
+                )
             # the pipeline's own errors (OutOfMemory, a non-finite result) are one-line ValueErrors
             except ValueError as e:
                 raise HTTPError(422, one_line(e)) from None
@@ -305,7 +321,9 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "the upload was cut short")
         return body
 
-    def reply(self, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8") -> None:
+    def reply(
+        self, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8"
+    ) -> None:
         body = (body + "\n").encode() if isinstance(body, str) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -336,13 +354,21 @@ def make_server(
 
 
 def serve(
-    render: Render, settings: Settings, flavour: str = "edit", host: str = "127.0.0.1", port: int = 7860
+    render: Render,
+    settings: Settings,
+    flavour: str = "edit",
+    host: str = "127.0.0.1",
+    port: int = 7860,
 ) -> None:
     """Serve the page until Ctrl-C."""
     server = make_server(render, settings, flavour, host, port)
     try:
         url = f"http://{host}:{server.server_address[1]}/"
-        where = "" if host in ("127.0.0.1", "localhost") else " (no login: anyone who reaches it can use it)"
+        where = (
+            ""
+            if host in ("127.0.0.1", "localhost")
+            else " (no login: anyone who reaches it can use it)"
+        )
         print(f"serving the {flavour} page on {url}{where}; Ctrl-C stops", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
@@ -359,7 +385,7 @@ def serve(
         server.server_close()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The page: one file, no external assets; {{KEY}} marks what page() fills in.
 
 
@@ -383,7 +409,9 @@ def page(s: Settings, flavour: str) -> str:
         "GUIDANCE": f"{s.guidance:g}",
         "WIDTH": str(width),
         "HEIGHT": str(height),
-        "PREVIEW": str(s.preview_every or max(1, math.ceil(s.steps / 8))),  # previews by default on the page
+        "PREVIEW": str(
+            s.preview_every or max(1, math.ceil(s.steps / 8))
+        ),  # previews by default on the page
     }
     out = PAGE
     for key, value in values.items():
@@ -404,7 +432,8 @@ form{align-self:start}label{display:block;margin:0 0 10px;font-size:13px;color:#
 input,textarea,button{font:inherit;width:100%;box-sizing:border-box;margin-top:3px}
 input,textarea{padding:6px;border:1px solid #ccc;border-radius:4px}
 .row{display:grid;grid-template-columns:1fr 1fr 1fr;gap:8px}
-button{padding:10px;border:0;border-radius:6px;background:#3867d6;color:#fff;font-weight:600;cursor:pointer}
+button{padding:10px;border:0;border-radius:6px;background:#3867d6;color:#fff;font-weight:600;
+cursor:pointer}
 button:disabled{background:#999;cursor:wait}#error{color:#b00020;white-space:pre-wrap;margin-top:10px}
 #source{display:none;max-width:100%;max-height:180px;margin-top:6px}
 #status{display:none;margin-bottom:16px}progress{width:100%}#preview{display:none;margin-top:8px}
@@ -421,7 +450,8 @@ button:disabled{background:#999;cursor:wait}#error{color:#b00020;white-space:pre
 <label>Steps<input name="steps" type="number" min="1" max="1000" value="{{STEPS}}"></label>
 <label>Guidance<input name="guidance" type="number" min="0" max="100" step="any" value="{{GUIDANCE}}">
 </label></div>
-<div class="row"><label>Width<input name="width" type="number" min="16" max="4096" step="16" value="{{WIDTH}}"
+<div class="row"><label>Width<input name="width" type="number" min="16" max="4096" step="16"
+ value="{{WIDTH}}"
  placeholder="auto" title="empty: {{AUTO}}"></label>
 <label>Height<input name="height" type="number" min="16" max="4096" step="16" value="{{HEIGHT}}"
  placeholder="auto" title="empty: {{AUTO}}"></label>
@@ -460,7 +490,8 @@ function addResult(blob, fields, seconds) {
   img.onload = function () {
     const seed = fields.get("seed") || "default", link = document.createElement("a");
     meta.textContent = `#${n} · ${img.naturalWidth}x${img.naturalHeight} · seed ${seed} · `
-      + `${fields.get("steps")} steps · guidance ${fields.get("guidance")} · ${seconds.toFixed(1)} s · `
+      + `${fields.get("steps")} steps · guidance ${fields.get("guidance")} · `
+      + `${seconds.toFixed(1)} s · `
       + `"${fields.get("prompt")}" `;
     link.href = url; link.download = `{{FLAVOUR}}-${n}-seed${seed}.png`; link.textContent = "download";
     meta.append(link);
@@ -471,7 +502,8 @@ form.onsubmit = async function (event) {
   event.preventDefault();
   const fields = new FormData(form), started = performance.now();
   $("go").disabled = true; $("error").textContent = ""; $("count").textContent = "starting";
-  $("bar").removeAttribute("value"); $("preview").style.display = "none"; $("status").style.display = "block";
+  $("bar").removeAttribute("value"); $("preview").style.display = "none";
+  $("status").style.display = "block";
   const timer = setInterval(poll, 500);
   try {
     const reply = await fetch("/api/edit", {method: "POST", body: fields});

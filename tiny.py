@@ -1,11 +1,12 @@
 """A tiny random LongCat checkpoint in the released folder layout: the demo (`python train.py
-examples/tiny.toml`, `--model tiny`) and the tests run the real loading code on it without 30 GB of weights.
+examples/tiny.toml`, `--model tiny`) and the tests run the real loading code on it without 30 GB of
+weights.
 
 It has everything the released checkpoints have, at toy sizes: model_index.json naming the pipeline,
-transformer/ (config + two safetensors shards + index json), vae/, text_encoder/ (a real Qwen2.5-VL with 2
-layers), tokenizer/ and text_processor/ (a 400-token byte-level BPE trained on the prompt templates, with
-Qwen's special tokens; the image processor config), scheduler/. Deterministic for a seed. diffusers loads the
-same folder, which is how the tests hold our numbers to its pipelines.
+transformer/ (config + two safetensors shards + index json), vae/, text_encoder/ (a real Qwen2.5-VL
+with 2 layers), tokenizer/ and text_processor/ (a 400-token byte-level BPE trained on the prompt
+templates, with Qwen's special tokens; the image processor config), scheduler/. Deterministic for a
+seed. diffusers loads the same folder, which is how the tests hold our numbers to its pipelines.
 """
 
 import json
@@ -102,15 +103,22 @@ VERSION = 2  # in the cached folder's name: bump when what write() produces chan
 
 
 def tokenizer():
-    """A byte-level BPE like Qwen2's (400 tokens) trained on the templates: words merge, quotes don't."""
+    """A byte-level BPE like Qwen2's (400 tokens) trained on the templates: words merge, quotes
+    don't."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.pre_tokenizer, tok.decoder = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        decoders.ByteLevel(),
+    )
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=alphabet,
+        show_progress=False,
     )
     corpus = [
         pipeline.T2I_PREFIX,
@@ -125,7 +133,8 @@ def tokenizer():
 
 
 def save_component(folder: Path, state: dict, config: dict, shards: int = 1) -> None:
-    """config.json + diffusion_pytorch_model*.safetensors, sharded with an index json as diffusers does."""
+    """config.json + diffusion_pytorch_model*.safetensors, sharded with an index json as
+    diffusers does."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -142,7 +151,9 @@ def save_component(folder: Path, state: dict, config: dict, shards: int = 1) -> 
         weight_map.update(dict.fromkeys(part, file))
     total = sum(v.numel() * v.element_size() for v in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2)
+    )
 
 
 def write(folder: str | Path, flavour: str = "edit", seed: int = 0) -> Path:
@@ -170,12 +181,17 @@ def write(folder: str | Path, flavour: str = "edit", seed: int = 0) -> Path:
         transformer, vae = M.LongCatTransformer(TRANSFORMER), M.VAE(VAE)
     for sub in ("tokenizer", "text_processor"):
         tok.save_pretrained(folder / sub)
-        (folder / sub / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=2))
+        (folder / sub / "preprocessor_config.json").write_text(
+            json.dumps(IMAGE_PROCESSOR, indent=2)
+        )
     index = {"_class_name": PIPELINES[flavour], "_diffusers_version": "0.36.0", **COMPONENTS}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    blocks = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+    blocks = {
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
     save_component(
         folder / "vae", vae.state_dict(), {"_class_name": "AutoencoderKL", **asdict(VAE), **blocks}
     )
@@ -185,8 +201,9 @@ def write(folder: str | Path, flavour: str = "edit", seed: int = 0) -> Path:
 
 
 def checkpoint(flavour: str = "edit") -> Path:
-    """The cached tiny checkpoint of a flavour (~/.cache/minicat, or $XDG_CACHE_HOME), written on first use.
-    Written aside and renamed, so processes racing here (torchrun ranks) never see half a folder."""
+    """The cached tiny checkpoint of a flavour (~/.cache/minicat, or $XDG_CACHE_HOME), written on
+    first use. Written aside and renamed, so processes racing here (torchrun ranks) never see half a
+    folder."""
     cache = (
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         / "minicat"

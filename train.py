@@ -2,21 +2,22 @@
 
     python train.py config.toml [--key=value ...]
     torchrun --nproc_per_node=N train.py config.toml          # data parallel; rank 0 writes and prints
-    python train.py examples/tiny.toml                         # a tiny random model, on CPU, in a minute
+    python train.py examples/tiny.toml                         # a tiny random model, on a CPU
 
 The recipe is the official one (meituan-longcat/LongCat-Image train_examples/edit_lora): latents and
-prompt embeddings are cached first (data.py), then per sample sigma = sigmoid(N(0, 1)) shifted like the
-sampler's schedule, x_t = (1 - sigma) x0 + sigma eps, the reference tokens ride along clean with modality 2,
-and the loss is the MSE between the predicted velocity on the target tokens and eps - x0 (rectified flow,
-Liu et al. 2022; Esser et al. 2024; cloneofsimo/minRF). Only the LoRA (lora.py) trains; the base may be
-int8/fp8 (quant.py). Each sample's noise comes from (seed, step, its place in the global batch), so N
-processes train exactly as one process on the same global batch, and a resume needs no noise state.
+prompt embeddings are cached first (data.py), then per sample sigma = sigmoid(N(0, 1)) shifted like
+the sampler's schedule, x_t = (1 - sigma) x0 + sigma eps, the reference tokens ride along clean with
+modality 2, and the loss is the MSE between the predicted velocity on the target tokens and eps - x0
+(rectified flow, Liu et al. 2022; Esser et al. 2024; cloneofsimo/minRF). Only the LoRA (lora.py)
+trains; the base may be int8/fp8 (quant.py). Each sample's noise comes from (seed, step, its place
+in the global batch), so N processes train exactly as one process on the same global batch, and a
+resume needs no noise state.
 
-Nothing is continued from what is not verified: a checkpoint counts once its manifest (sizes and sha256 of
-its files, written last) checks out and it belongs to this run (model, LoRA shape, data); a step whose loss
-or gradient is not finite is never applied or saved. Stopping at step k and starting again ends
-bit-identical to a straight run on CPU. Files are written aside and moved into place; an output_dir is
-locked by the run using it.
+Nothing is continued from what is not verified: a checkpoint counts once its manifest (sizes and
+sha256 of its files, written last) checks out and it belongs to this run (model, LoRA shape, data);
+a step whose loss or gradient is not finite is never applied or saved. Stopping at step k and
+starting again ends bit-identical to a straight run on CPU. Files are written aside and moved into
+place; an output_dir is locked by the run using it.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from tqdm.auto import tqdm
 
 import config
 import data
-import lora
-import model as M
 import files
 import images
+import lora
+import model as M
 import pipeline
 
 try:
@@ -52,20 +53,21 @@ try:
 except ImportError:  # Windows: no output_dir lock
     fcntl = None
 
-# What makes two runs the same run: resuming across a change of any of these would mix two trainings.
+# What makes two runs the same run: resuming across a change of any of these would mix two
+# trainings.
 RUN_KEYS = (
     "model_flavour lora_rank lora_alpha lora_targets train_batch_size gradient_accumulation_steps seed "
     "aspect_bucket_alignment"
 ).split()
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The recipe
 
 
 def sample_sigmas(
     n: int, tokens: int, sched: dict, g, uniform=False, auto_shift=True, shift=0.0
 ) -> torch.Tensor:
-    """Training noise levels [n]: logit-normal (or uniform), then shifted as the sampler's schedule is (the
-    scheduler's mu for this many tokens) or by a static shift."""
+    """Training noise levels [n]: logit-normal (or uniform), then shifted as the sampler's schedule
+    is (the scheduler's mu for this many tokens) or by a static shift."""
     sigma = torch.rand(n, generator=g) if uniform else torch.sigmoid(torch.randn(n, generator=g))
     if auto_shift:
         return M.time_shift(M.shift_mu(tokens, sched), sigma)
@@ -88,8 +90,8 @@ def flow_loss(transformer, x0, reference, text, sigma, noise) -> torch.Tensor:
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """The generator of one sample at one step, from (seed, step, its place in the global batch): every
-    process and every resume draws the same numbers for it."""
+    """The generator of one sample at one step, from (seed, step, its place in the global batch):
+    every process and every resume draws the same numbers for it."""
     digest = hashlib.sha256(f"minicat-{seed}-{step}-{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -97,20 +99,33 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 def batch_loss(
     transformer, batch: dict, rows: slice, step: int, cfg: config.Config, sched: dict, device
 ) -> torch.Tensor:
-    """The loss of some rows of a batch; each row draws its caption dropout, sigma and noise from its own
-    generator, on the CPU, so any device and any split of the global batch gets the same numbers."""
+    """The loss of some rows of a batch; each row draws its caption dropout, sigma and noise from
+    its own generator, on the CPU, so any device and any split of the global batch gets the same
+    numbers."""
     x0 = batch["target"][rows]  # (b, 16, h, w)
     tokens = (x0.shape[2] // 2) * (x0.shape[3] // 2)
-    schedule = (cfg.flow_use_uniform_schedule, cfg.flow_schedule_auto_shift, cfg.flow_schedule_shift)
-    drop, sigma, noise = torch.zeros(len(x0), dtype=torch.bool), torch.zeros(len(x0)), torch.empty(x0.shape)
+    schedule = (
+        cfg.flow_use_uniform_schedule,
+        cfg.flow_schedule_auto_shift,
+        cfg.flow_schedule_shift,
+    )
+    drop, sigma, noise = (
+        torch.zeros(len(x0), dtype=torch.bool),
+        torch.zeros(len(x0)),
+        torch.empty(x0.shape),
+    )
     for i in range(len(x0)):
         g = sample_generator(cfg.seed, step, batch["first"] + rows.start + i)
         drop[i] = torch.rand(1, generator=g)[0] < cfg.caption_dropout_probability  # caption dropout
         sigma[i] = sample_sigmas(1, tokens, sched, g, *schedule)[0]
         noise[i] = torch.randn(x0.shape[1:], generator=g)
-    text = torch.where(drop[:, None, None], batch["text_empty"][rows], batch["text"][rows])  # (b, L, D)
+    text = torch.where(
+        drop[:, None, None], batch["text_empty"][rows], batch["text"][rows]
+    )  # (b, L, D)
     ref = None if batch["reference"] is None else batch["reference"][rows].to(device)
-    return flow_loss(transformer, x0.to(device), ref, text.to(device), sigma.to(device), noise.to(device))
+    return flow_loss(
+        transformer, x0.to(device), ref, text.to(device), sigma.to(device), noise.to(device)
+    )
 
 
 def lr_factor(step: int, cfg: config.Config) -> float:
@@ -118,30 +133,44 @@ def lr_factor(step: int, cfg: config.Config) -> float:
     if step < cfg.lr_warmup_steps:
         return (step + 1) / cfg.lr_warmup_steps
     t = (step - cfg.lr_warmup_steps) / max(1, cfg.max_train_steps - cfg.lr_warmup_steps)
-    return {"constant": 1.0, "linear": 1 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[cfg.lr_scheduler]
+    return {"constant": 1.0, "linear": 1 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[
+        cfg.lr_scheduler
+    ]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: complete and verified, or not used; never mixed across runs; moved aside, never deleted
 
 
-def save_checkpoint(out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict) -> Path:
-    """checkpoints/step-NNNNNN: the LoRA as trained and as shared, AdamW states, RNG, loader position, run
-    identity, and last a manifest of every file's size and sha256. Also refreshes the shared LoRA file in
-    output_dir and removes this run's oldest checkpoints beyond checkpoints_total_limit."""
+def save_checkpoint(
+    out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict
+) -> Path:
+    """checkpoints/step-NNNNNN: the LoRA as trained and as shared, AdamW states, RNG, loader
+    position, run identity, and last a manifest of every file's size and sha256. Also refreshes the
+    shared LoRA file in output_dir and removes this run's oldest checkpoints beyond
+    checkpoints_total_limit."""
     final = out / "checkpoints" / f"step-{step:06d}"
     if final.exists():  # left by a run this one does not continue from
         files.move_aside([final], "superseded")
     names = {p: n for n, p in transformer.named_parameters() if p.requires_grad}
-    states = {f"{names[p]}.{k}": v.contiguous() for p, st in opt.state.items() for k, v in st.items()}
+    states = {
+        f"{names[p]}.{k}": v.contiguous() for p, st in opt.state.items() for k, v in st.items()
+    }
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         lora.save_lora(tmp / "lora.safetensors", transformer, metadata={"step": step}, fold=False)
-        lora.save_lora(tmp / "pytorch_lora_weights.safetensors", transformer, metadata={"step": step})
+        lora.save_lora(
+            tmp / "pytorch_lora_weights.safetensors", transformer, metadata={"step": step}
+        )
         save_file(states, str(tmp / "optimizer.safetensors"))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        state = {"step": step, "loader": loader.state_dict(), "run": run, "config": dataclasses.asdict(cfg)}
+        state = {
+            "step": step,
+            "loader": loader.state_dict(),
+            "run": run,
+            "config": dataclasses.asdict(cfg),
+        }
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
         listing = {
             f.name: {"bytes": f.stat().st_size, "sha256": files.file_digest(f)}
@@ -151,7 +180,11 @@ def save_checkpoint(out: Path, step: int, transformer, opt, loader, cfg: config.
 
     files.write_atomic(final, write, "the checkpoint ")
     done = [p for p, _ in checkpoints(out)]
-    for old in done[: max(0, len(done) - cfg.checkpoints_total_limit)] if cfg.checkpoints_total_limit else []:
+    for old in (
+        done[: max(0, len(done) - cfg.checkpoints_total_limit)]
+        if cfg.checkpoints_total_limit
+        else []
+    ):
         shutil.rmtree(old)  # this run's own, verified, beyond the limit the config asks for
     shared = out / "pytorch_lora_weights.safetensors"
     files.write_atomic(shared, lambda tmp: shutil.copyfile(final / shared.name, tmp), "the LoRA ")
@@ -159,11 +192,14 @@ def save_checkpoint(out: Path, step: int, transformer, opt, loader, cfg: config.
 
 
 def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
-    """None when the checkpoint is complete, intact and (given `run`) of this run; else what is wrong."""
+    """None when the checkpoint is complete, intact and (given `run`) of this run; else what is
+    wrong."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         for name, f in manifest["files"].items():
-            if (path / name).stat().st_size != f["bytes"] or files.file_digest(path / name) != f["sha256"]:
+            if (path / name).stat().st_size != f["bytes"] or files.file_digest(path / name) != f[
+                "sha256"
+            ]:
                 return f"{name} is damaged (its size or sha256 differs from the manifest)"
         state = json.loads((path / "state.json").read_text())
     except FileNotFoundError as e:
@@ -172,25 +208,32 @@ def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
         return f"unreadable ({type(e).__name__}: {e})"
     diff = [k for k in sorted(run or {}) if state.get("run", {}).get(k) != run[k]]
     if diff:
-        return f"from another run ({diff[0]}: {state['run'].get(diff[0])!r} there, {run.get(diff[0])!r} now)"
+        there = state["run"].get(diff[0])
+        return f"from another run ({diff[0]}: {there!r} there, {run.get(diff[0])!r} now)"
     return None
 
 
 def checkpoints(out: Path) -> list[tuple[Path, int]]:
     """(folder, step) of every checkpoints/step-NNNNNN folder, oldest first (not checked)."""
-    found = [(p, p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*") if p.is_dir()]
+    found = [
+        (p, p.name.removeprefix("step-"))
+        for p in (out / "checkpoints").glob("step-*")
+        if p.is_dir()
+    ]
     return sorted(((p, int(s)) for p, s in found if s.isdigit()), key=lambda ps: ps[1])
 
 
 def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None, list[str]]:
-    """The checkpoint to continue from, and warnings: the one named (refused unless it verifies and is of
-    this run), or with "latest" the newest that verifies (those skipped are named). Checkpoints after it,
-    which this run would write again, are moved aside."""
+    """The checkpoint to continue from, and warnings: the one named (refused unless it verifies and
+    is of this run), or with "latest" the newest that verifies (those skipped are named).
+    Checkpoints after it, which this run would write again, are moved aside."""
     notes, chosen = [], None
     if cfg.resume_from_checkpoint not in ("latest", "none"):
         chosen = Path(cfg.resume_from_checkpoint).expanduser().resolve()
         if problem := verify_checkpoint(chosen, run):
-            raise ValueError(f"resume_from_checkpoint: {chosen} is {problem}; choose another, or none")
+            raise ValueError(
+                f"resume_from_checkpoint: {chosen} is {problem}; choose another, or none"
+            )
     elif cfg.resume_from_checkpoint == "latest":
         for path, _ in reversed(checkpoints(out)):
             if (problem := verify_checkpoint(path, run)) is None:
@@ -212,8 +255,9 @@ def load_checkpoint(path: Path, transformer, loader) -> tuple[int, dict]:
 
 
 class OutputLock:
-    """output_dir/.lock, held (flock) for the whole run: a second run on the folder stops at once, naming the
-    first. The kernel releases the lock when its process dies, so a killed run's lock is simply taken over."""
+    """output_dir/.lock, held (flock) for the whole run: a second run on the folder stops at once,
+    naming the first. The kernel releases the lock when its process dies, so a killed run's lock is
+    simply taken over."""
 
     def __init__(self, out: Path):
         self.out, self.fh = out, None
@@ -229,7 +273,8 @@ class OutputLock:
                 holder = self.fh.read().strip() or "another process"
                 self.fh.close()
                 raise ValueError(
-                    f"output_dir {self.out} is in use by {holder}; wait for it or use another output_dir"
+                    f"output_dir {self.out} is in use by {holder}; wait for it or use another "
+                    "output_dir"
                 ) from None
         self.fh.seek(0)
         self.fh.truncate()
@@ -244,8 +289,8 @@ class OutputLock:
 
 
 def start_over(out: Path, run: dict, cfg: config.Config) -> None:
-    """Refuse to mix two trainings in one output_dir; with overwrite_output_dir the old run's files are
-    moved aside. A longer run or new validation settings are the same run."""
+    """Refuse to mix two trainings in one output_dir; with overwrite_output_dir the old run's files
+    are moved aside. A longer run or new validation settings are the same run."""
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else run
     diff = [k for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
     if not diff:
@@ -253,16 +298,25 @@ def start_over(out: Path, run: dict, cfg: config.Config) -> None:
     if not cfg.overwrite_output_dir:
         was, now = old.get(diff[0]), run.get(diff[0])
         raise ValueError(
-            f"output_dir {out} holds another run ({diff[0]}: {was!r} there, {now!r} now): choose another "
-            "output_dir, or set overwrite_output_dir = true to start over (the old run's files move aside)"
+            f"output_dir {out} holds another run ({diff[0]}: {was!r} there, {now!r} now): choose "
+            "another output_dir, or set overwrite_output_dir = true to start over (the old run's "
+            "files move aside)"
         )
-    names = "checkpoints validation loss.jsonl loss.png pytorch_lora_weights.safetensors run.json".split()
+    names = [
+        "checkpoints",
+        "validation",
+        "loss.jsonl",
+        "loss.png",
+        "pytorch_lora_weights.safetensors",
+        "run.json",
+        "config.json",
+    ]
     files.move_aside([out / n for n in names if (out / n).exists()], "old")
 
 
 class LossLog:
-    """loss.jsonl, one line per optimizer step; on resume cut back to the resumed step, so a resumed log
-    equals a straight run's and the loss curve has one point per step."""
+    """loss.jsonl, one line per optimizer step; on resume cut back to the resumed step, so a resumed
+    log equals a straight run's and the loss curve has one point per step."""
 
     def __init__(self, path: Path, step: int):
         self.path = path
@@ -288,23 +342,29 @@ class LossLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:
-            raise ValueError(f"{self.path}: cannot write ({e.strerror or e}); free disk space") from None
+            raise ValueError(
+                f"{self.path}: cannot write ({e.strerror or e}); free disk space"
+            ) from None
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run
 
 
 def run_identity(cfg: config.Config, ckpt: Path, world: int) -> dict:
-    """What a checkpoint must share to be continued: the model, the LoRA's shape, the data and the batch
-    (not where the caches live: entries are named by content)."""
+    """What a checkpoint must share to be continued: the model, the LoRA's shape, the data and the
+    batch (not where the caches live: entries are named by content)."""
     sets = [{k: v for k, v in d.items() if not k.startswith("cache_dir")} for d in cfg.datasets]
-    run = {k: getattr(cfg, k) for k in RUN_KEYS} | {"model": data.model_identity(ckpt), "world_size": world}
+    run = {k: getattr(cfg, k) for k in RUN_KEYS} | {
+        "model": data.model_identity(ckpt),
+        "world_size": world,
+    }
     return run | {"datasets": json.loads(json.dumps(sets, default=str))}
 
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun sets WORLD_SIZE, RANK, LOCAL_RANK (NCCL on GPUs, gloo on CPU)."""
+    """(rank, world size, device); torchrun sets WORLD_SIZE, RANK, LOCAL_RANK (NCCL on GPUs, gloo
+    on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, config.pick_device(device, "device =")
@@ -347,7 +407,9 @@ def build_transformer(cfg: config.Config, ckpt: Path, device: torch.device):
     return transformer.train(), [p for p in transformer.parameters() if p.requires_grad]
 
 
-def build_optimizer(cfg: config.Config, transformer, params: list, states: dict) -> torch.optim.AdamW:
+def build_optimizer(
+    cfg: config.Config, transformer, params: list, states: dict
+) -> torch.optim.AdamW:
     """AdamW on the LoRA, built after any checkpoint's LoRA is in place, with its states if resuming."""
     opt = torch.optim.AdamW(
         params,
@@ -369,12 +431,14 @@ def build_optimizer(cfg: config.Config, transformer, params: list, states: dict)
 def train_step(
     transformer, batch: dict, step: int, cfg: config.Config, sched: dict, params: list, device
 ) -> tuple[float, float]:
-    """Forward and backward over the batch's micro-batches, gradients averaged over ranks and clipped;
-    returns (loss, gradient norm before clipping). Nothing is applied yet."""
+    """Forward and backward over the batch's micro-batches, gradients averaged over ranks and
+    clipped; returns (loss, gradient norm before clipping). Nothing is applied yet."""
     B, A = cfg.train_batch_size, cfg.gradient_accumulation_steps
     total = 0.0
     for k in range(A):
-        loss = batch_loss(transformer, batch, slice(k * B, (k + 1) * B), step, cfg, sched, device) / A
+        loss = (
+            batch_loss(transformer, batch, slice(k * B, (k + 1) * B), step, cfg, sched, device) / A
+        )
         loss.backward()
         total += loss.item()
     if dist.is_initialized():  # data parallel: average the LoRA gradients and the loss over ranks
@@ -384,7 +448,9 @@ def train_step(
         t = torch.tensor([total], device=device)
         dist.all_reduce(t)
         total = t.item() / dist.get_world_size()
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(
+        params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    )
     return total, float(norm)
 
 
@@ -427,18 +493,25 @@ def run_validation(
     files.write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"), "the validation grid ")
 
 
-def stop_non_finite(out: Path, step: int, loss: float, norm: float, run: dict) -> FloatingPointError:
-    """The error for a step whose loss or gradient is not finite. The checkpoint of the step before holds
-    the weights that gave it, so it is moved aside; the one named is the newest whose weights gave a finite
-    loss, and the shared LoRA file is set back to it."""
+def stop_non_finite(
+    out: Path, step: int, loss: float, norm: float, run: dict
+) -> FloatingPointError:
+    """The error for a step whose loss or gradient is not finite. The checkpoint of the step before
+    holds the weights that gave it, so it is moved aside; the one named is the newest whose weights
+    gave a finite loss, and the shared LoRA file is set back to it."""
     bad = [p for p, s in checkpoints(out) if s >= step]
     files.move_aside(bad, "nonfinite")
-    good = next((p for p, _ in reversed(checkpoints(out)) if verify_checkpoint(p, run) is None), None)
+    good = next(
+        (p for p, _ in reversed(checkpoints(out)) if verify_checkpoint(p, run) is None), None
+    )
     if good is not None:
         shared = out / "pytorch_lora_weights.safetensors"
-        files.write_atomic(shared, lambda tmp: shutil.copyfile(good / shared.name, tmp), "the LoRA ")
+        files.write_atomic(
+            shared, lambda tmp: shutil.copyfile(good / shared.name, tmp), "the LoRA "
+        )
     return FloatingPointError(
-        f"the loss is {loss} (gradient norm {norm}) at step {step + 1}: it was not applied; the last good "
+        f"the loss is {loss} (gradient norm {norm}) at step {step + 1}: it was not applied; the "
+        "last good "
         f"checkpoint is {good or 'none'}"
         + (f" ({', '.join(p.name for p in bad)} moved aside)" if bad else "")
         + "; try a lower learning_rate or max_grad_norm, or check the data"
@@ -446,8 +519,8 @@ def stop_non_finite(out: Path, step: int, loss: float, norm: float, run: dict) -
 
 
 def claim_output_dir(out: Path, run: dict, cfg: config.Config, rank: int) -> Path | None:
-    """On rank 0 (holding the lock): refuse or move aside another run, choose the checkpoint to resume
-    from (the others' ranks get the same one)."""
+    """On rank 0 (holding the lock): refuse or move aside another run, choose the checkpoint to
+    resume from (the others' ranks get the same one)."""
     resume, warnings = None, []
     if rank == 0:
         start_over(out, run, cfg)
@@ -462,7 +535,9 @@ def claim_output_dir(out: Path, run: dict, cfg: config.Config, rank: int) -> Pat
     return resume
 
 
-def begin_log(out: Path, run: dict, cfg: config.Config, step: int, resume: Path | None, note: str) -> LossLog:
+def begin_log(
+    out: Path, run: dict, cfg: config.Config, step: int, resume: Path | None, note: str
+) -> LossLog:
     """run.json, config.json and the loss log (cut back to `step`), by rank 0, which says what runs."""
     print(f"resumed from {resume} at step {step}; {note}" if resume else note)
     files.write_atomic(out / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2)), "")
@@ -476,32 +551,48 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
     rank, world, device = setup_distributed(cfg.device)
     ckpt, datasets, samples, notes, val = data.read_data(cfg, cfg_dir, device)
     M.set_attention_backend(cfg.attention_backend)
-    out, run = (cfg_dir / Path(cfg.output_dir).expanduser()).resolve(), run_identity(cfg, ckpt, world)
+    out, run = (
+        (cfg_dir / Path(cfg.output_dir).expanduser()).resolve(),
+        run_identity(cfg, ckpt, world),
+    )
     with OutputLock(out) if rank == 0 else nullcontext():
         resume = claim_output_dir(out, run, cfg, rank)
         models = data.prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
         transformer, params = build_transformer(cfg, ckpt, device)
         per_gpu = cfg.train_batch_size * cfg.gradient_accumulation_steps
         loader = data.Loader(samples, per_gpu, cfg.seed, rank, world)
-        step, states = load_checkpoint(resume, transformer, loader) if resume is not None else (0, {})
+        step, states = (
+            load_checkpoint(resume, transformer, loader) if resume is not None else (0, {})
+        )
         opt = build_optimizer(cfg, transformer, params, states)
-        max_steps = min(cfg.max_train_steps, cfg.num_train_epochs * len(loader) or cfg.max_train_steps)
+        max_steps = min(
+            cfg.max_train_steps, cfg.num_train_epochs * len(loader) or cfg.max_train_steps
+        )
         note = f"{sum(p.numel() for p in params):,} LoRA parameters on {device} x {world}"
         log = begin_log(out, run, cfg, step, resume, note) if rank == 0 else None
         if rank == 0 and val and step == 0:
             run_validation(transformer, models, val, cfg, 0, out)
-        bar = tqdm(total=max_steps, initial=step, desc="training", disable=rank != 0, file=sys.stdout)
+        bar = tqdm(
+            total=max_steps, initial=step, desc="training", disable=rank != 0, file=sys.stdout
+        )
         last = resume
         for batch in loader:
             if step >= max_steps:
                 break
             opt.zero_grad(set_to_none=True)
-            where = f"training step {step + 1} ({'x'.join(map(str, batch['bucket']))}, {per_gpu} per GPU)"
+            bucket = "x".join(map(str, batch["bucket"]))
+            where = f"training step {step + 1} ({bucket}, {per_gpu} per GPU)"
             knobs = f"{config.TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"
             with pipeline.explain_oom(where, knobs, device):
                 loss, norm = train_step(transformer, batch, step, cfg, models.sched, params, device)
-            if not (math.isfinite(loss) and math.isfinite(norm)):  # checked before the update: never applied
-                raise stop_non_finite(out, step, loss, norm, run) if rank == 0 else FloatingPointError(loss)
+            if not (
+                math.isfinite(loss) and math.isfinite(norm)
+            ):  # checked before the update: never applied
+                raise (
+                    stop_non_finite(out, step, loss, norm, run)
+                    if rank == 0
+                    else FloatingPointError(loss)
+                )
             lr = cfg.learning_rate * lr_factor(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -520,7 +611,8 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
     finish_distributed()
     if rank == 0:
         print(
-            f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {step}); loss curve {out / 'loss.png'}"
+            f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {step}); "
+            f"loss curve {out / 'loss.png'}"
         )
     return transformer
 
@@ -528,7 +620,9 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
-        sys.exit("usage: python train.py config.toml [--key=value ...]   (keys: see config.toml and README)")
+        sys.exit(
+            "usage: python train.py config.toml [--key=value ...]   (keys: see config.toml and README)"
+        )
     try:
         cfg = config.load_config(Path(argv[0]), argv[1:])
         train(cfg, Path(argv[0]).resolve().parent)

@@ -2,7 +2,7 @@
 line over pipeline.py.
 
     python validate.py --ref photo.png --prompt "make the sky 'purple'"
-    python validate.py --model meituan-longcat/LongCat-Image --prompt "a cat holding a sign that says 'hi'"
+    python validate.py --model meituan-longcat/LongCat-Image --prompt "a sign that says 'hi'"
     python validate.py --serve                         # the edit web page on http://127.0.0.1:7860
 
 Every flag and file is checked before the first model loads (a LoRA file against the transformer's
@@ -70,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="resolution",
         help="WxH, multiples of 16 (edit: ~1 MP at the reference's aspect; t2i: 1024x1024)",
     )
-    p.add_argument("--out", help="output image (default: the next free edit-NNNN.png / t2i-NNNN.png)")
+    p.add_argument(
+        "--out", help="output image (default: the next free edit-NNNN.png / t2i-NNNN.png)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its previews)")
     p.add_argument(
         "--dtype", choices=sorted(config.DTYPES), help="default bfloat16 on a GPU, float32 on CPU"
@@ -90,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-encoder-quant", default="none", help="text encoder: none | int8 | fp8")
     p.add_argument("--offload-blocks", type=int, default=0, help="stream N blocks from CPU memory")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--serve", action="store_true", help="serve the edit web page instead (serve.py)")
+    p.add_argument(
+        "--serve", action="store_true", help="serve the edit web page instead (serve.py)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
     p.add_argument("--port", type=int, default=7860, help="--serve: the port")
     p.add_argument("--resident", action="store_true", help="--serve: keep every model on the GPU")
@@ -290,7 +294,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    # CheckpointError, ImageError, OutOfMemory, WriteError are ValueErrors: a message, not a traceback
+    # CheckpointError, ImageError, OutOfMemory, WriteError are ValueErrors: a message, not a
+    # traceback
     except (ValueError, OSError) as e:
         pipeline.close_progress_bars()
         sys.exit("error: " + " ".join(str(e).split()))

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random LongCat checkpoints in the released folder layout, and diffusers' pipelines
-built on the same files (diffusers is the oracle; it is never imported by minicat itself)."""
+"""Shared fixtures: tiny random LongCat checkpoints in the released folder layout, and diffusers'
+pipelines built on the same files (diffusers is the oracle; it is never imported by minicat itself).
+"""
 
 import os
 import subprocess
@@ -29,14 +30,16 @@ def tiny_t2i(tmp_path_factory) -> Path:
 
 
 class VLProcessor:
-    """Stands in for Qwen2VLProcessor (which needs torchvision); the pipelines use only .image_processor."""
+    """Stands in for Qwen2VLProcessor (which needs torchvision); the pipelines use only
+    .image_processor."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
 
 
 def diffusers_pipeline(path: Path, dtype=None):
-    """diffusers' LongCatImageEditPipeline / LongCatImagePipeline on the files of a checkpoint folder."""
+    """diffusers' LongCatImageEditPipeline / LongCatImagePipeline on the files of a checkpoint
+    folder."""
     import torch
     import transformers
     from diffusers import (
@@ -49,12 +52,17 @@ def diffusers_pipeline(path: Path, dtype=None):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     dtype = dtype or torch.float32
-    proc = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    proc = (
+        getattr(transformers, "Qwen2VLImageProcessorPil", None)
+        or transformers.Qwen2VLImageProcessor
+    )
     cls = LongCatImageEditPipeline if M.read_flavour(path) == "edit" else LongCatImagePipeline
     return cls(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
-        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=dtype),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path / "text_encoder", dtype=dtype
+        ),
         tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
         text_processor=VLProcessor(proc.from_pretrained(path / "text_processor")),
         transformer=LongCatImageTransformer2DModel.from_pretrained(
@@ -84,8 +92,8 @@ def run_script(*args, cwd=None, check=True, env=None) -> subprocess.CompletedPro
 
 
 def flags(**kw) -> list[str]:
-    """Command-line flags from keywords: negative_prompt="x" -> --negative-prompt x, True -> the bare flag,
-    False -> nothing, a list -> the flag once per item (--lora a --lora b)."""
+    """Command-line flags from keywords: negative_prompt="x" -> --negative-prompt x, True -> the
+    bare flag, False -> nothing, a list -> the flag once per item (--lora a --lora b)."""
     out = []
     for key, value in kw.items():
         flag = "--" + key.replace("_", "-")
@@ -120,7 +128,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 class ToyBlock(nn.Module):
-    """A toy block carrying LongCat's module names (attn.to_q, attn.to_out.0, ff.net.0.proj, ff.net.2)."""
+    """A toy block carrying LongCat's module names (attn.to_q, attn.to_out.0, ff.net.0.proj,
+    ff.net.2)."""
 
     def __init__(self, d: int):
         super().__init__()

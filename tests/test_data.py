@@ -1,6 +1,7 @@
-"""data.py as a specification: pairing and config errors name every offender, odd images become sensible RGB,
-pairs share their target's bucket, caches are reused exactly when nothing they depend on changed, and the
-loader is deterministic, resumable and splits cleanly across ranks. Small generated images, fake encoders."""
+"""data.py as a specification: pairing and config errors name every offender, odd images become
+sensible RGB, pairs share their target's bucket, caches are reused exactly when nothing they depend
+on changed, and the loader is deterministic, resumable and splits cleanly across ranks. Small
+generated images, fake encoders."""
 
 import hashlib
 import json
@@ -23,21 +24,23 @@ from conftest import ROOT, assert_one_line_error, run_script  # noqa: E402
 import data  # noqa: E402
 import images  # noqa: E402
 import tiny  # noqa: E402
-import train  # noqa: E402
 
 RES, ALIGN = 64, 16  # buckets (48, 96), (48, 80), (64, 64), (80, 48), (96, 48): tiny, but both ways
 
 
 def save_image(path: Path, size=(64, 64), seed=0, **kw) -> Path:
-    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)  # (H, W, 3)
+    rgb = np.random.default_rng(seed).integers(
+        0, 256, (size[1], size[0], 3), dtype=np.uint8
+    )  # (H, W, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path, **kw)
     return path
 
 
 class Encoders:
-    """Deterministic stand-ins that count their calls. Latent: the image average-pooled 8x, channels repeated
-    to 16. Text: random from a hash of (prompt, reference pixels), longer for a bigger reference (as Qwen)."""
+    """Deterministic stand-ins that count their calls. Latent: the image average-pooled 8x, channels
+    repeated to 16. Text: random from a hash of (prompt, reference pixels), longer for a bigger
+    reference (as Qwen)."""
 
     def __init__(self):
         self.latent_calls, self.text_calls = 0, 0
@@ -59,7 +62,9 @@ def edit_config(tmp: Path, targets: dict, refs: dict | None = None, **extra) -> 
     """An edit set `edit/` paired with `ref/`: targets and refs map file names to sizes."""
     for i, (name, size) in enumerate(targets.items()):
         save_image(tmp / "edit" / name, size, seed=i)
-        (tmp / "edit" / name).with_suffix(".txt").write_text(f"make {Path(name).stem} blue\nrecolour it")
+        (tmp / "edit" / name).with_suffix(".txt").write_text(
+            f"make {Path(name).stem} blue\nrecolour it"
+        )
     for i, (name, size) in enumerate((refs if refs is not None else targets).items()):
         save_image(tmp / "ref" / name, size, seed=100 + i)
     edits = {
@@ -88,7 +93,9 @@ def parse(cfg: list[dict], tmp: Path) -> list[data.DatasetConfig]:
 
 def build(cfg, tmp, enc=None, model_id="model-a"):
     enc = enc or Encoders()
-    return data.build_caches(parse(cfg, tmp), enc.latents, enc.text, model_id, "float32", progress=False), enc
+    return data.build_caches(
+        parse(cfg, tmp), enc.latents, enc.text, model_id, "float32", progress=False
+    ), enc
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -102,7 +109,7 @@ def errors(excinfo) -> str:
 MIXED = {"wide.png": (120, 60), "tall.jpg": (50, 100), "square.webp": (70, 70)}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Buckets and images
 
 
@@ -112,35 +119,63 @@ def test_buckets_are_aligned_area_matched_and_within_aspect_limits():
         assert (res, res) in buckets
         for w, h in buckets:
             assert w % align == 0 and h % align == 0 and 0.5 <= w / h <= 2, (w, h)
-            assert abs(w * h - res * res) <= align * max(w, h), (w, h)  # one grid step of error at most
+            assert abs(w * h - res * res) <= align * max(w, h), (
+                w,
+                h,
+            )  # one grid step of error at most
             assert (h, w) in buckets  # portrait and landscape alike
     buckets = data.make_buckets(1024, 64)
-    assert data.nearest_bucket((3000, 2000), buckets)[0] > data.nearest_bucket((3000, 2000), buckets)[1]
-    assert data.nearest_bucket((2000, 3000), buckets)[0] < data.nearest_bucket((2000, 3000), buckets)[1]
+    assert (
+        data.nearest_bucket((3000, 2000), buckets)[0]
+        > data.nearest_bucket((3000, 2000), buckets)[1]
+    )
+    assert (
+        data.nearest_bucket((2000, 3000), buckets)[0]
+        < data.nearest_bucket((2000, 3000), buckets)[1]
+    )
     assert data.nearest_bucket((5000, 100), buckets) == max(buckets, key=lambda b: b[0] / b[1])
 
 
 def test_pairs_take_the_target_bucket_and_references_fit_it_without_swapping(tmp_path):
-    refs = {"wide.png": (40, 90), "tall.jpg": (100, 50), "square.webp": (30, 60)}  # other shapes on purpose
+    refs = {
+        "wide.png": (40, 90),
+        "tall.jpg": (100, 50),
+        "square.webp": (30, 60),
+    }  # other shapes on purpose
     report, _ = build(edit_config(tmp_path, MIXED, refs), tmp_path)
     buckets = {s.target.name: s.bucket for s in report.samples}
-    assert buckets["wide.png"][0] > buckets["wide.png"][1] and buckets["tall.jpg"][0] < buckets["tall.jpg"][1]
+    assert (
+        buckets["wide.png"][0] > buckets["wide.png"][1]
+        and buckets["tall.jpg"][0] < buckets["tall.jpg"][1]
+    )
     assert buckets["square.webp"] == (RES, RES)
     for s in report.samples:
         w, h = s.bucket
         for key in ("target", "reference"):
             z = data.load_file(s.entries[key])["latent"]
-            assert z.shape == (16, h // 8, w // 8) and z.dtype == torch.float32, (key, z.shape, s.bucket)
+            assert z.shape == (16, h // 8, w // 8) and z.dtype == torch.float32, (
+                key,
+                z.shape,
+                s.bucket,
+            )
 
 
 @pytest.mark.parametrize(
     "mode, value, expected",
     [
-        ("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # fully transparent -> white, not the hidden colour
+        (
+            "RGBA",
+            (10, 20, 30, 0),
+            (255, 255, 255),
+        ),  # fully transparent -> white, not the hidden colour
         ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
         ("LA", (0, 0), (255, 255, 255)),
         ("L", 128, (128, 128, 128)),
-        ("I;16", 65535, (255, 255, 255)),  # 16-bit white stays white (a plain convert would clip wrongly)
+        (
+            "I;16",
+            65535,
+            (255, 255, 255),
+        ),  # 16-bit white stays white (a plain convert would clip wrongly)
         ("I;16", 32896, (128, 128, 128)),
         ("P", 3, None),
         ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
@@ -176,14 +211,18 @@ def test_exif_rotation_is_applied_before_bucketing(tmp_path):
 
 
 def test_truncated_and_unreadable_images_are_all_named(tmp_path):
-    cfg = edit_config(tmp_path, {"a.jpg": (64, 64), "b.png": (64, 64), "c.png": (64, 64), "ok.png": (64, 64)})
+    cfg = edit_config(
+        tmp_path, {"a.jpg": (64, 64), "b.png": (64, 64), "c.png": (64, 64), "ok.png": (64, 64)}
+    )
     for name in ("a.jpg", "b.png"):
         blob = (tmp_path / "edit" / name).read_bytes()
         (tmp_path / "edit" / name).write_bytes(blob[: len(blob) // 2])
     (tmp_path / "ref/c.png").write_bytes(b"not an image at all")
     enc = Encoders()
     with pytest.raises(data.DataError) as e:
-        data.build_caches(parse(cfg, tmp_path), enc.latents, enc.text, "m", "float32", progress=False)
+        data.build_caches(
+            parse(cfg, tmp_path), enc.latents, enc.text, "m", "float32", progress=False
+        )
     msg = errors(e)
     assert "a.jpg" in msg and "b.png" in msg and "ref/c.png" in msg and "ok.png" not in msg, msg
     assert enc.latent_calls == enc.text_calls == 0
@@ -207,14 +246,16 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(b"IDAT") + chunk(b"IEND")
 
 
-@pytest.mark.parametrize("size", [(9000, 9000), (30000, 30000)])  # ours, then Pillow's bomb limit too
+@pytest.mark.parametrize(
+    "size", [(9000, 9000), (30000, 30000)]
+)  # ours, then Pillow's bomb limit too
 def test_oversized_images_are_refused_before_decoding(tmp_path, size):
     (tmp_path / "big.png").write_bytes(png_header(*size))
     with pytest.raises(images.ImageError, match="big.png: cannot read image"):
         images.load_rgb(tmp_path / "big.png")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config and pairing errors
 
 
@@ -253,7 +294,10 @@ def test_unknown_key_names_it_and_the_closest_valid_one(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"conditioning_data": ["ref"]}, "conditioning_data: no dataset 'ref' (did you mean 'refs'?)"),
+        (
+            {"conditioning_data": ["ref"]},
+            "conditioning_data: no dataset 'ref' (did you mean 'refs'?)",
+        ),
         ({"resolution": "768"}, "resolution should be int, got '768'"),
         ({"repeats": True}, "repeats should be int"),
         ({"type": "aws"}, "type = 'aws' is not supported"),
@@ -286,14 +330,16 @@ def test_cache_inside_an_image_folder_is_refused(tmp_path):
         parse(cfg, tmp_path)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Caches
 
 
 def test_second_run_reuses_everything_and_writes_nothing(tmp_path):
     cfg = edit_config(tmp_path, MIXED)
     first, enc = build(cfg, tmp_path)
-    assert first.hits == 0 and enc.latent_calls == 6 and enc.text_calls == 9  # 3 x (2 captions + empty)
+    assert (
+        first.hits == 0 and enc.latent_calls == 6 and enc.text_calls == 9
+    )  # 3 x (2 captions + empty)
     before = mtimes(tmp_path / "cache")
     second, enc = build(cfg, tmp_path)
     assert second.hits == first.misses == 15 and second.misses == 0
@@ -305,15 +351,28 @@ def test_changed_image_or_caption_refreshes_only_its_entries(tmp_path):
     cfg = edit_config(tmp_path, MIXED)
     build(cfg, tmp_path)
     changes = [
-        (lambda: save_image(tmp_path / "edit/tall.jpg", (50, 100), seed=999), (1, 0)),  # target: its latent
-        (lambda: save_image(tmp_path / "ref/wide.png", (120, 60), seed=999), (1, 3)),  # ref: latent + 3 texts
-        (lambda: (tmp_path / "edit/square.txt").write_text("make it red\nrecolour it"), (0, 1)),  # one text
+        (
+            lambda: save_image(tmp_path / "edit/tall.jpg", (50, 100), seed=999),
+            (1, 0),
+        ),  # target: its latent
+        (
+            lambda: save_image(tmp_path / "ref/wide.png", (120, 60), seed=999),
+            (1, 3),
+        ),  # ref: latent + 3 texts
+        (
+            lambda: (tmp_path / "edit/square.txt").write_text("make it red\nrecolour it"),
+            (0, 1),
+        ),  # one text
     ]
     for change, (latents, texts) in changes:
         before = mtimes(tmp_path / "cache")
         change()
         report, enc = build(cfg, tmp_path)
-        assert (enc.latent_calls, enc.text_calls, report.misses) == (latents, texts, latents + texts)
+        assert (enc.latent_calls, enc.text_calls, report.misses) == (
+            latents,
+            texts,
+            latents + texts,
+        )
         after = mtimes(tmp_path / "cache")
         assert len(set(after) - set(before)) == latents + texts and all(
             after[p] == t for p, t in before.items()
@@ -345,7 +404,9 @@ def test_t2i_text_is_keyed_by_instruction_only(tmp_path):
         }
     ]
     report, enc = build(cfg, tmp_path)
-    assert enc.text_calls == 2 and enc.latent_calls == 2  # "a photo of sks" and "", shared by both images
+    assert (
+        enc.text_calls == 2 and enc.latent_calls == 2
+    )  # "a photo of sks" and "", shared by both images
     assert report.samples[0].entries["texts"] == report.samples[1].entries["texts"]
     batch = next(iter(data.Loader(report.samples, seed=0)))
     assert batch["reference"] is None and batch["text"].shape == (1, 4, 8)
@@ -355,7 +416,9 @@ def test_interrupted_write_is_remade_and_tmp_files_ignored(tmp_path):
     cfg = edit_config(tmp_path, MIXED)
     report, _ = build(cfg, tmp_path)
     victim = report.samples[0].entries["target"]
-    victim.write_bytes(victim.read_bytes()[:50])  # what a crash mid-write without os.replace could leave
+    victim.write_bytes(
+        victim.read_bytes()[:50]
+    )  # what a crash mid-write without os.replace could leave
     stray = victim.with_name(victim.name + ".tmp-999")
     stray.write_bytes(b"half")
     report, enc = build(cfg, tmp_path)
@@ -368,7 +431,10 @@ def test_dataset_folders_are_never_written(tmp_path):
 
     def fingerprint():
         files = sorted(p for d in ("edit", "ref") for p in (tmp_path / d).rglob("*"))
-        return [(str(p), p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
+        return [
+            (str(p), p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in files
+        ]
 
     before = fingerprint()
     build(cfg, tmp_path)
@@ -389,10 +455,13 @@ def test_check_only_mode_refuses_missing_entries(tmp_path):
     with pytest.raises(data.DataError, match="python data.py"):
         data.build_caches(parse(cfg, tmp_path), None, None, "m", "float32", progress=False)
     build(cfg, tmp_path, model_id="m")
-    assert data.build_caches(parse(cfg, tmp_path), None, None, "m", "float32", progress=False).misses == 0
+    assert (
+        data.build_caches(parse(cfg, tmp_path), None, None, "m", "float32", progress=False).misses
+        == 0
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loader
 
 
@@ -420,11 +489,15 @@ def test_loader_is_deterministic_and_batches_share_a_bucket(tmp_path):
         w, h = batch["bucket"]
         assert batch["target"].shape == batch["reference"].shape == (2, 16, h // 8, w // 8)
         assert batch["text"].shape == batch["text_empty"].shape and batch["text"].shape[0] == 2
-    assert sorted(f for x in first[:6] for f in x["files"]) == sorted(str(s.target) for s in samples)
+    assert sorted(f for x in first[:6] for f in x["files"]) == sorted(
+        str(s.target) for s in samples
+    )
 
 
 def test_loader_drops_incomplete_batches_and_honours_repeats(tmp_path):
-    samples = loader_samples(tmp_path, n=5, repeats=2)  # buckets of 2, 2, 1 samples, each 3 times per epoch
+    samples = loader_samples(
+        tmp_path, n=5, repeats=2
+    )  # buckets of 2, 2, 1 samples, each 3 times per epoch
     assert len(data.Loader(samples, batch_size=1)) == 15
     assert len(data.Loader(samples, batch_size=4)) == 2  # 6, 6, 3 items -> 1 + 1 + 0 batches
     epoch = [f for x in take(data.Loader(samples, batch_size=1, seed=0), 15) for f in x["files"]]
@@ -435,7 +508,9 @@ def test_loader_drops_incomplete_batches_and_honours_repeats(tmp_path):
 
 def test_loader_resumes_mid_epoch_exactly(tmp_path):
     samples = loader_samples(tmp_path, n=9)
-    straight = take(data.Loader(samples, batch_size=1, seed=3), 20)  # 9 per epoch: crosses two epochs
+    straight = take(
+        data.Loader(samples, batch_size=1, seed=3), 20
+    )  # 9 per epoch: crosses two epochs
     first = data.Loader(samples, batch_size=1, seed=3)
     it = iter(first)
     [next(it) for _ in range(7)]
@@ -458,7 +533,7 @@ def test_ranks_get_disjoint_slices_of_the_same_bucket(tmp_path):
     assert sorted(seen) == sorted(str(s.target) for s in samples)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -512,14 +587,21 @@ def test_cli_builds_with_a_tiny_checkpoint_then_reuses_everything(tmp_path, caps
     tiny.write(tmp_path / "ckpt", "edit")
     cfg = edit_config(tmp_path, {"a.png": (128, 64), "b.png": (64, 128)}, resolution=96)
     cfg[1]["resolution"] = 96
-    config = write_toml(tmp_path, cfg, 'pretrained_model_name_or_path = "ckpt"\naspect_bucket_alignment = 32')
-    for expected in ("0 reused, 10 written", "10 reused, 0 written"):  # 2 x (2 latents, 2 captions, "")
+    config = write_toml(
+        tmp_path, cfg, 'pretrained_model_name_or_path = "ckpt"\naspect_bucket_alignment = 32'
+    )
+    for expected in (
+        "0 reused, 10 written",
+        "10 reused, 0 written",
+    ):  # 2 x (2 latents, 2 captions, "")
         capsys.readouterr()
         data.main([str(config)])
         out = capsys.readouterr()
         assert expected in out.out, out.err[-2000:]
     model_id = data.model_identity(tmp_path / "ckpt")
-    report = data.build_caches(parse(cfg, tmp_path), None, None, model_id, "float32", progress=False)
+    report = data.build_caches(
+        parse(cfg, tmp_path), None, None, model_id, "float32", progress=False
+    )
     batch = next(iter(data.Loader(report.samples, seed=0)))
     w, h = batch["bucket"]
     assert batch["target"].shape == batch["reference"].shape == (1, 16, h // 8, w // 8)
@@ -527,24 +609,31 @@ def test_cli_builds_with_a_tiny_checkpoint_then_reuses_everything(tmp_path, caps
 
 
 def test_data_py_runs_on_the_tiny_example_config(tmp_path):
-    """`python data.py examples/tiny.toml`: the `tiny` checkpoint is known to it (a random one, cached)."""
+    """`python data.py examples/tiny.toml`: the `tiny` checkpoint is known to it (a random one,
+    cached)."""
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
     proc = run_script(ROOT / "data.py", ROOT / "examples/tiny.toml", env=env)
-    assert "6 samples; cache entries:" in proc.stdout and (tmp_path / "xdg/minicat").is_dir(), proc.stdout
+    assert "6 samples; cache entries:" in proc.stdout and (tmp_path / "xdg/minicat").is_dir(), (
+        proc.stdout
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Nothing skipped silently, nothing used unchecked
 
 
 def test_files_that_are_skipped_are_reported(tmp_path):
-    cfg = edit_config(tmp_path, {"a.png": (64, 64)}, refs={"a.png": (64, 64), "lonely.png": (64, 64)})
+    cfg = edit_config(
+        tmp_path, {"a.png": (64, 64)}, refs={"a.png": (64, 64), "lonely.png": (64, 64)}
+    )
     Image.new("RGB", (64, 64)).save(tmp_path / "edit/anim.gif")
     Image.new("RGB", (64, 64)).save(tmp_path / "ref/anim.gif")
     (tmp_path / "edit/anim.txt").write_text("make it move")
     report, _ = build(cfg, tmp_path)
     warnings = "\n".join(report.warnings)
-    assert "dataset 'edits': skipped 1 file(s) that are not" in warnings and "anim.gif" in warnings, warnings
+    assert (
+        "dataset 'edits': skipped 1 file(s) that are not" in warnings and "anim.gif" in warnings
+    ), warnings
     assert "dataset 'refs': skipped 1 file(s)" in warnings
     assert "1 reference(s) without an edit image, skipped: lonely" in warnings, warnings
     assert len(report.samples) == 1
@@ -552,13 +641,22 @@ def test_files_that_are_skipped_are_reported(tmp_path):
 
 def test_reference_captions_replace_the_instructions_with_a_warning(tmp_path):
     cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)})
-    cfg[1]["caption_strategy"] = "textfile"  # SimpleTuner's configs may carry this on the reference set
+    cfg[1]["caption_strategy"] = (
+        "textfile"  # SimpleTuner's configs may carry this on the reference set
+    )
     (tmp_path / "ref/a.txt").write_text("the reference's caption")
     report, enc = build(cfg, tmp_path)
     captions = {s.target.name: s.captions for s in report.samples}
-    assert captions == {"a.png": ["the reference's caption"], "b.png": ["make b blue", "recolour it"]}
+    assert captions == {
+        "a.png": ["the reference's caption"],
+        "b.png": ["make b blue", "recolour it"],
+    }
     assert (
-        sum("dataset 'refs' has captions: they replace those of 'edits'" in w for w in report.warnings) == 1
+        sum(
+            "dataset 'refs' has captions: they replace those of 'edits'" in w
+            for w in report.warnings
+        )
+        == 1
     )
 
 
@@ -570,9 +668,9 @@ def test_a_nan_cache_entry_is_named_and_made_again(tmp_path):
     data._write(entry, "text", torch.full_like(t, float("nan")), {})
     report, enc = build(cfg, tmp_path)
     assert enc.text_calls == 1 and report.misses == 1, (enc.text_calls, report.misses)
-    assert any(f"cache entry {entry}: holds NaN or inf: made again" in w for w in report.warnings), (
-        report.warnings
-    )
+    assert any(
+        f"cache entry {entry}: holds NaN or inf: made again" in w for w in report.warnings
+    ), report.warnings
     assert torch.isfinite(load_file(entry)["text"]).all()
 
 

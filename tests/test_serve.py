@@ -1,5 +1,5 @@
-"""The edit web page (serve.py): a real server on a free port around the tiny checkpoint, driven with urllib
-as a script would; the PNG it sends is the one validate.py writes."""
+"""The edit web page (serve.py): a real server on a free port around the tiny checkpoint, driven
+with urllib as a script would; the PNG it sends is the one validate.py writes."""
 
 import base64
 import functools
@@ -35,7 +35,8 @@ def form(**fields) -> tuple[bytes, str]:
     for name, value in fields.items():
         disposition = f'form-data; name="{name}"'
         if isinstance(value, bytes):
-            head = f'Content-Disposition: {disposition}; filename="{name}.png"\r\nContent-Type: image/png'
+            head = f'Content-Disposition: {disposition}; filename="{name}.png"'
+            head += "\r\nContent-Type: image/png"
         else:
             head, value = f"Content-Disposition: {disposition}", str(value).encode()
         body += f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
@@ -43,7 +44,8 @@ def form(**fields) -> tuple[bytes, str]:
 
 
 def request(server, path: str, body: bytes | None = None, headers=None) -> tuple[int, str, bytes]:
-    """(status, content type, body) for a GET (body None) or a POST; errors are answers, not exceptions."""
+    """(status, content type, body) for a GET (body None) or a POST; errors are answers, not
+    exceptions."""
     host, port = server.server_address[:2]
     req = urllib.request.Request(f"http://{host}:{port}{path}", data=body, headers=headers or {})
     try:
@@ -94,7 +96,9 @@ def models(tiny_edit):
 
 @pytest.fixture(scope="module")
 def server(models):
-    with running(functools.partial(pipeline.render, models), pipeline.Settings(size=None, steps=2)) as s:
+    with running(
+        functools.partial(pipeline.render, models), pipeline.Settings(size=None, steps=2)
+    ) as s:
         yield s
 
 
@@ -102,17 +106,32 @@ def test_page_has_the_form(server):
     status, content_type, body = request(server, "/")
     page = body.decode()
     assert status == 200 and content_type.startswith("text/html"), (status, content_type)
-    for name in ("image", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height"):
+    for name in (
+        "image",
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "steps",
+        "guidance",
+        "width",
+        "height",
+    ):
         assert f'name="{name}"' in page, name
-    assert ">Edit</button>" in page and 'value="2"' in page  # the steps default comes from the settings
+    assert (
+        ">Edit</button>" in page and 'value="2"' in page
+    )  # the steps default comes from the settings
     assert "http://" not in page and "https://" not in page  # no external assets
 
 
 def test_t2i_page_has_no_image_field_and_generates(tiny_t2i):
     models = pipeline.Models(tiny_t2i, "cpu", torch.float32, pipeline.LoadOptions(), keep=True)
-    with running(functools.partial(pipeline.render, models), pipeline.Settings(steps=1), "t2i") as server:
+    with running(
+        functools.partial(pipeline.render, models), pipeline.Settings(steps=1), "t2i"
+    ) as server:
         page = request(server, "/")[2].decode()
-        assert 'name="image"' not in page and 'name="prompt"' in page and ">Generate</button>" in page
+        assert (
+            'name="image"' not in page and 'name="prompt"' in page and ">Generate</button>" in page
+        )
         status, content_type, body = post(server, prompt="a cat", width=32, height=48, guidance=1)
         assert status == 200 and content_type == "image/png", body[:200]
         assert Image.open(io.BytesIO(body)).size == (32, 48)
@@ -121,7 +140,9 @@ def test_t2i_page_has_no_image_field_and_generates(tiny_t2i):
 
 
 def test_edit_returns_a_png_of_the_asked_size(server):
-    status, content_type, body = post(server, image=png(), prompt=PROMPT, width=96, height=64, guidance=1)
+    status, content_type, body = post(
+        server, image=png(), prompt=PROMPT, width=96, height=64, guidance=1
+    )
     assert status == 200 and content_type == "image/png", body[:300]
     image = Image.open(io.BytesIO(body))
     assert image.format == "PNG" and image.size == (96, 64), (image.format, image.size)
@@ -136,7 +157,14 @@ def test_same_seed_same_bytes_as_the_cli(server, tiny_edit, tmp_path):
     assert post(server, **{**fields, "seed": 8})[2] != first[2], "the seed is ignored"
     out = tmp_path / "cli.png"
     validate_cli(
-        model=tiny_edit, ref=ref, prompt=PROMPT, steps=2, seed=7, guidance=1, resolution="64x48", out=out
+        model=tiny_edit,
+        ref=ref,
+        prompt=PROMPT,
+        steps=2,
+        seed=7,
+        guidance=1,
+        resolution="64x48",
+        out=out,
     )
     assert out.read_bytes() == first[2], "the page's PNG differs from validate.py's"
 
@@ -204,7 +232,9 @@ def test_a_second_request_while_one_runs_is_a_429():
 
     with running(slow_render, pipeline.Settings(size=(32, 32), steps=2)) as server:
         first = []
-        thread = threading.Thread(target=lambda: first.append(post(server, image=png(), prompt=PROMPT)))
+        thread = threading.Thread(
+            target=lambda: first.append(post(server, image=png(), prompt=PROMPT))
+        )
         thread.start()
         assert started.wait(30)
         status, _, body = post(server, image=png(), prompt=PROMPT)
@@ -228,7 +258,9 @@ def test_progress_counts_the_steps_and_shows_previews(models):
 
     with running(spying_render, pipeline.Settings(size=None, steps=3, guidance=1)) as server:
         assert get_progress(server) == {"busy": False, "step": 0, "steps": 0, "preview": None}
-        status, _, body = post(server, image=png(), prompt=PROMPT, width=64, height=48, preview_every=1)
+        status, _, body = post(
+            server, image=png(), prompt=PROMPT, width=64, height=48, preview_every=1
+        )
         assert status == 200, body
         steps = [(p["busy"], p["step"], p["steps"]) for p in seen]
         assert steps == [(True, 1, 3), (True, 2, 3), (True, 3, 3)], steps
@@ -253,7 +285,9 @@ def test_a_failed_generation_is_one_line_and_the_server_carries_on(capfd):
         status, _, body = post(server, image=png(), prompt=PROMPT)
         assert status == 422 and body == (OOM + "\n").encode(), body
         status, _, body = post(server, image=png(), prompt="bug")
-        assert status == 500 and body == b"internal error: RuntimeError: something deep broke\n", body
+        assert status == 500 and body == b"internal error: RuntimeError: something deep broke\n", (
+            body
+        )
         assert get_progress(server)["busy"] is False
     assert "Traceback" not in capfd.readouterr().err
 
@@ -282,8 +316,8 @@ def serve_forever_interrupted(self, poll_interval=0.5):
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:7860", "127.0.0.1.nip.io"])
 def test_a_foreign_host_name_is_refused_for_every_request(server, host):
-    """DNS rebinding: a site whose name resolves to 127.0.0.1 reaches the server with its own name as
-    Host; neither the page, the progress (its previews) nor the API answer it."""
+    """DNS rebinding: a site whose name resolves to 127.0.0.1 reaches the server with its own name
+    as Host; neither the page, the progress (its previews) nor the API answer it."""
     port = server.server_address[1]
     for path, body in (("/", None), ("/api/progress", None), ("/api/edit", form(prompt=PROMPT))):
         data = body[0] if body else None
@@ -291,7 +325,11 @@ def test_a_foreign_host_name_is_refused_for_every_request(server, host):
         if body:
             headers["Content-Type"] = body[1]
         status, _, reply = request(server, path, data, headers)
-        assert status == 403 and f"http://127.0.0.1:{port}/".encode() in reply, (path, status, reply)
+        assert status == 403 and f"http://127.0.0.1:{port}/".encode() in reply, (
+            path,
+            status,
+            reply,
+        )
     for good in ("127.0.0.1", f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
         assert request(server, "/", None, {"Host": good})[0] == 200, good
 

@@ -1,14 +1,14 @@
-"""train.py as a specification: a run end to end, exact resume (after a clean stop or a kill -9), data
-parallel equal to one process on the same global batch, validation that never perturbs training, a learning
-test, the LoRA it writes applied by diffusers as validate.py applies it, and every fault made to happen:
-corrupt and foreign checkpoints, two runs on one folder, a full disk, a non-finite step, out of memory, bad
-config values. Tiny random checkpoint, CPU."""
+"""train.py as a specification: a run end to end, exact resume (after a clean stop or a kill -9),
+data parallel equal to one process on the same global batch, validation that never perturbs
+training, a learning test, the LoRA it writes applied by diffusers as validate.py applies it, and
+every fault made to happen: corrupt and foreign checkpoints, two runs on one folder, a full disk, a
+non-finite step, out of memory, bad config values. Tiny random checkpoint, CPU."""
 
 import json
 import os
+import random
 import resource
 import shutil
-import random
 import signal
 import subprocess
 import sys
@@ -29,13 +29,13 @@ import lora
 import model as M
 import pipeline
 import train
-import validate
 
 EXAMPLES = ROOT / "examples"
 
 
 def write_config(folder: Path, ckpt, pairs=EXAMPLES, **keys) -> str:
-    """A training config in `folder` on the example pairs (or a copy of some), caches inside `folder`."""
+    """A training config in `folder` on the example pairs (or a copy of some), caches inside
+    `folder`."""
     base = dict(
         pretrained_model_name_or_path=str(ckpt),
         base_model_precision="no_change",
@@ -53,7 +53,8 @@ def write_config(folder: Path, ckpt, pairs=EXAMPLES, **keys) -> str:
     base.update(keys)
     lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
     lines += [
-        f'\n[[datasets]]\nid = "edit"\ninstance_data_dir = "{pairs}/edit"\ncaption_strategy = "textfile"\n'
+        f'\n[[datasets]]\nid = "edit"\ninstance_data_dir = "{pairs}/edit"\n'
+        'caption_strategy = "textfile"\n'
         f'resolution = 128\nconditioning_data = ["ref"]\ncache_dir_vae = "{folder}/cache/edit"',
         f'\n[[datasets]]\nid = "ref"\ninstance_data_dir = "{pairs}/ref"\n'
         f'cache_dir_vae = "{folder}/cache/ref"',
@@ -82,7 +83,7 @@ def fails(argv: list[str]) -> str:
     return str(stop.value)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A run
 
 
@@ -98,7 +99,9 @@ def test_the_tiny_example_runs_end_to_end(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     for ckpt in (out / "checkpoints").iterdir():
         assert train.verify_checkpoint(ckpt) is None
-    assert sorted(p.name for p in (out / "validation").iterdir()) == [f"step-00000{i}.png" for i in (0, 2, 4)]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [
+        f"step-00000{i}.png" for i in (0, 2, 4)
+    ]
     grid = Image.open(out / "validation/step-000004.png")
     assert grid.size[0] == 2 * 192 and grid.size[1] > 128  # reference | result, under a caption
     assert [row["step"] for row in losses(out)] == [1, 2, 3, 4]
@@ -118,12 +121,15 @@ def test_resume_ends_exactly_where_a_straight_run_does(tiny_edit, tmp_path):
 
 
 def test_a_kill_at_any_moment_resumes_bit_identically(tiny_edit, tmp_path):
-    """kill -9 somewhere in steps 5-8 (mid-step, mid-checkpoint, mid-log line), then the same command
-    again: the same LoRA and loss log as a straight run, all in fresh processes as a user runs them."""
+    """kill -9 somewhere in steps 5-8 (mid-step, mid-checkpoint, mid-log line), then the same
+    command again: the same LoRA and loss log as a straight run, all in fresh processes as a user
+    runs them."""
     train_cli(write_config(tmp_path / "a", tiny_edit, max_train_steps=12, checkpointing_steps=2))
     cfg = write_config(tmp_path / "b", tiny_edit, max_train_steps=12, checkpointing_steps=2)
     proc = subprocess.Popen(
-        [sys.executable, ROOT / "train.py", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, ROOT / "train.py", cfg],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     # a different moment each run (printed, to replay one): mid-step, mid-checkpoint or mid-log line
     delay = random.Random().uniform(0.0, 1.0)
@@ -159,13 +165,17 @@ def test_validation_does_not_change_training_and_shows_captions_and_previews(tin
     assert len(grids) == 3
     grid = np.asarray(Image.open(grids[-1]))
     # reference | preview at sampler step 2 | result under a caption of dark text, each at the
-    # reference's 3:2 aspect with 64x64's area, sides rounded up to 16: sqrt(4096 * 1.5) = 78.4 -> 80
+    # reference's 3:2 aspect with 64x64's area, sides rounded up to 16: sqrt(4096 * 1.5) = 78.4 ->
+    # 80
     assert grid.shape[1] == 3 * 80 and grid.shape[0] > 64 + 20, grid.shape
     assert (grid[:20].min(axis=2) < 100).sum() > 50, "the caption is written above the row"
 
 
 def test_the_loss_curve_has_a_point_per_step_its_mean_and_the_learning_rate(tmp_path):
-    rows = [{"step": s, "loss": 1.0 + 0.3 * np.sin(s), "lr": 1e-3 * min(1, s / 10)} for s in range(1, 41)]
+    rows = [
+        {"step": s, "loss": 1.0 + 0.3 * np.sin(s), "lr": 1e-3 * min(1, s / 10)}
+        for s in range(1, 41)
+    ]
     images.plot_losses(rows, tmp_path / "loss.png")
     img = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB")).astype(int)
 
@@ -197,7 +207,8 @@ def test_it_learns_one_pair_and_sampling_moves_toward_the_target(tiny_edit, tmp_
     loss = [row["loss"] for row in losses(tmp_path / "out")]
     assert np.mean(loss[-20:]) < 0.75 * np.mean(loss[:5]), (np.mean(loss[:5]), np.mean(loss[-20:]))
 
-    # Sample the pair's edit with and without the LoRA: the LoRA must bring the result closer to the target.
+    # Sample the pair's edit with and without the LoRA: the LoRA must bring the result closer to the
+    # target.
     te, vae = pipeline.load_text_encoder(tiny_edit, torch.float32), M.load_vae(tiny_edit)
     w, h = 160, 96  # 192x128 sits in its own bucket at 128 px resolution
     ref = images.load_rgb(pairs / "ref/circle.png").resize((w, h), Image.LANCZOS)
@@ -208,16 +219,24 @@ def test_it_learns_one_pair_and_sampling_moves_toward_the_target(tiny_edit, tmp_
     sigmas = M.schedule(8, (h // 16) * (w // 16), M.read_scheduler(tiny_edit))
     noise = pipeline.initial_noise(0, h, w, torch.float32)
     transformer = M.load_transformer(tiny_edit, torch.float32)
-    before = pipeline.sample(transformer, noise, txt, None, sigmas, 1.0, refs=[ref_z], progress=False)
+    before = pipeline.sample(
+        transformer, noise, txt, None, sigmas, 1.0, refs=[ref_z], progress=False
+    )
     lora.load_lora(transformer, tmp_path / "out/pytorch_lora_weights.safetensors")
-    after = pipeline.sample(transformer, noise, txt, None, sigmas, 1.0, refs=[ref_z], progress=False)
+    after = pipeline.sample(
+        transformer, noise, txt, None, sigmas, 1.0, refs=[ref_z], progress=False
+    )
     d_before, d_after = (before - target_z).square().mean(), (after - target_z).square().mean()
     assert d_after < 0.7 * d_before, (d_before.item(), d_after.item())
 
 
 def ddp_rank(rank: int, cfg: str, folder: str, port: int) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
     transformer = train.train(config.load_config(Path(cfg), []), ROOT)
@@ -229,7 +248,10 @@ def test_two_gloo_processes_train_as_one_process_on_the_same_global_batch(tiny_e
         tmp_path / "ddp", tiny_edit, max_train_steps=3, checkpointing_steps=3, train_batch_size=1
     )
     mp.start_processes(
-        ddp_rank, args=(cfg, str(tmp_path), 29500 + os.getpid() % 1000), nprocs=2, start_method="spawn"
+        ddp_rank,
+        args=(cfg, str(tmp_path), 29500 + os.getpid() % 1000),
+        nprocs=2,
+        start_method="spawn",
     )
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert same_lora(r0, r1)  # the ranks agree exactly ...
@@ -237,20 +259,26 @@ def test_two_gloo_processes_train_as_one_process_on_the_same_global_batch(tiny_e
         tmp_path / "one", tiny_edit, max_train_steps=3, checkpointing_steps=3, train_batch_size=2
     )
     state = lora.lora_state_dict(train.train(config.load_config(Path(single), []), ROOT))
-    # ... and with one process on batches of 2 (the same global batches, the same per-sample noise), up to
-    # the order of float sums: per step the losses to 1e-6, the weights far closer than a step's change
+    # ... and with one process on batches of 2 (the same global batches, the same per-sample noise),
+    # up to the order of float sums: per step the losses to 1e-6, the weights far closer than a
+    # step's change
     ddp, one = losses(tmp_path / "ddp/out"), losses(tmp_path / "one/out")
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == [1, 2, 3]
-    assert all(abs(a["loss"] - b["loss"]) <= 1e-6 * b["loss"] for a, b in zip(ddp, one, strict=True)), (
+    assert all(
+        abs(a["loss"] - b["loss"]) <= 1e-6 * b["loss"] for a, b in zip(ddp, one, strict=True)
+    ), (
         ddp,
         one,
     )
     step = max(state[k].abs().max() for k in state if "lora_B" in k) / 3  # B's mean change per step
-    assert step > 0 and same_lora(r0, state, tol=0.05 * step), max((r0[k] - state[k]).abs().max() for k in r0)
+    assert step > 0 and same_lora(r0, state, tol=0.05 * step), max(
+        (r0[k] - state[k]).abs().max() for k in r0
+    )
 
 
 def test_diffusers_applies_the_trained_lora_as_validate_does(tiny_edit, tmp_path):
-    """lora_alpha 8 != lora_rank 4, and diffusers' plain load_lora_adapter call (the one the README shows)."""
+    """lora_alpha 8 != lora_rank 4, and diffusers' plain load_lora_adapter call (the one the
+    README shows)."""
     train.main([write_config(tmp_path, tiny_edit, learning_rate=2e-2, max_train_steps=4)])
     lora_file, ref = tmp_path / "out/pytorch_lora_weights.safetensors", EXAMPLES / "ref/sun.png"
     common = dict(model=tiny_edit, ref=ref, prompt="add a sun", steps=3, resolution="160x160")
@@ -268,10 +296,14 @@ def test_diffusers_applies_the_trained_lora_as_validate_does(tiny_edit, tmp_path
         edit.calculate_dimensions = original
     got = Image.open(tmp_path / "lora.png")
     assert psnr(got, want) >= 60, psnr(got, want)
-    assert psnr(got, Image.open(tmp_path / "base.png")) < 50, "the trained LoRA should change the image"
+    assert psnr(got, Image.open(tmp_path / "base.png")) < 50, (
+        "the trained LoRA should change the image"
+    )
 
 
-def test_encoders_are_read_once_per_run_whatever_the_samples_and_prompts(tiny_edit, tmp_path, monkeypatch):
+def test_encoders_are_read_once_per_run_whatever_the_samples_and_prompts(
+    tiny_edit, tmp_path, monkeypatch
+):
     reads = {"vae": 0, "text_encoder": 0}
     for owner, name in ((M, "vae"), (pipeline, "text_encoder")):
         load = getattr(owner, f"load_{name}")
@@ -297,7 +329,9 @@ def test_encoders_are_read_once_per_run_whatever_the_samples_and_prompts(tiny_ed
     assert len(list((tmp_path / "out/validation").glob("*.png"))) == 3
 
 
-def test_text_encoder_precision_int8_trains_and_never_reuses_another_precisions_texts(tiny_edit, tmp_path):
+def test_text_encoder_precision_int8_trains_and_never_reuses_another_precisions_texts(
+    tiny_edit, tmp_path
+):
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=1, checkpointing_steps=1)
     train.main([cfg])
     texts = set((tmp_path / "cache/text").iterdir())
@@ -307,11 +341,13 @@ def test_text_encoder_precision_int8_trains_and_never_reuses_another_precisions_
     assert [row["step"] for row in losses(tmp_path / "out")] == [1, 2]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: verified or not used, never another run's
 
 
-def test_a_corrupt_newest_checkpoint_is_skipped_and_an_older_one_resumes_exactly(tiny_edit, tmp_path):
+def test_a_corrupt_newest_checkpoint_is_skipped_and_an_older_one_resumes_exactly(
+    tiny_edit, tmp_path
+):
     train.main([write_config(tmp_path / "a", tiny_edit, max_train_steps=6, checkpointing_steps=2)])
     cfg = write_config(tmp_path / "b", tiny_edit, max_train_steps=4, checkpointing_steps=2)
     train.main([cfg])
@@ -322,7 +358,11 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_an_older_one_resumes_exactly
     train.main([cfg, "--max_train_steps=6"])
     assert same_lora(lora_of(tmp_path / "a/out"), lora_of(tmp_path / "b/out"))
     kept = sorted(p.name for p in (tmp_path / "b/out/checkpoints").iterdir())
-    assert kept[:3] == ["step-000002", "step-000004", "step-000004.superseded-" + kept[2].split("-", 2)[2]]
+    assert kept[:3] == [
+        "step-000002",
+        "step-000004",
+        "step-000004.superseded-" + kept[2].split("-", 2)[2],
+    ]
     assert (tmp_path / "b/out/checkpoints" / kept[2] / "lora.safetensors").read_bytes() == blob[
         : len(blob) // 2
     ]
@@ -333,7 +373,9 @@ def test_resuming_an_older_checkpoint_moves_the_newer_aside(tiny_edit, tmp_path)
     cfg = write_config(tmp_path / "b", tiny_edit, max_train_steps=6, checkpointing_steps=2)
     train.main([cfg])
     old = tmp_path / "b/out/checkpoints/step-000002"
-    train.main([cfg, f"--resume_from_checkpoint={old}"])  # re-runs steps 3-6 over the newer checkpoints
+    train.main(
+        [cfg, f"--resume_from_checkpoint={old}"]
+    )  # re-runs steps 3-6 over the newer checkpoints
     assert same_lora(lora_of(tmp_path / "a/out"), lora_of(tmp_path / "b/out"))
     aside = [p.name for p in (tmp_path / "b/out/checkpoints").iterdir() if ".superseded-" in p.name]
     assert sorted(n.split(".")[0] for n in aside) == ["step-000004", "step-000006"]
@@ -341,51 +383,75 @@ def test_resuming_an_older_checkpoint_moves_the_newer_aside(tiny_edit, tmp_path)
 
 def test_another_runs_checkpoint_is_refused(tiny_edit, tmp_path):
     train.main(
-        [write_config(tmp_path / "r8", tiny_edit, lora_rank=8, max_train_steps=2, checkpointing_steps=2)]
+        [
+            write_config(
+                tmp_path / "r8", tiny_edit, lora_rank=8, max_train_steps=2, checkpointing_steps=2
+            )
+        ]
     )
     other = tmp_path / "r8/out/checkpoints/step-000002"
     message = fails([write_config(tmp_path / "r4", tiny_edit), f"--resume_from_checkpoint={other}"])
-    assert "is from another run (lora_rank: 8 there, 4 now)" in message and "\n" not in message, message
+    assert "is from another run (lora_rank: 8 there, 4 now)" in message and "\n" not in message, (
+        message
+    )
 
 
-def test_another_run_in_the_same_output_dir_is_refused_and_overwrite_moves_it_aside(tiny_edit, tmp_path):
+def test_another_run_in_the_same_output_dir_is_refused_and_overwrite_moves_it_aside(
+    tiny_edit, tmp_path
+):
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=2, checkpointing_steps=2)
     train.main([cfg])
     assert "holds another run (lora_rank: 4 there, 8 now)" in fails([cfg, "--lora_rank=8"])
-    train.main([cfg, "--lora_rank=8", "--overwrite_output_dir=true"])  # told to: the old run is moved aside
+    train.main(
+        [cfg, "--lora_rank=8", "--overwrite_output_dir=true"]
+    )  # told to: the old run is moved aside
     assert len(list(tmp_path.glob("out/checkpoints.old-*/step-000002"))) == 1
-    assert len(list(tmp_path.glob("out/loss.jsonl.old-*"))) == 1 and len(losses(tmp_path / "out")) == 2
+    assert (
+        len(list(tmp_path.glob("out/loss.jsonl.old-*"))) == 1 and len(losses(tmp_path / "out")) == 2
+    )
 
 
 def test_a_dataset_typo_is_reported_as_such_and_nothing_is_moved(tiny_edit, tmp_path):
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=2, checkpointing_steps=2)
     train.main([cfg])
-    Path(cfg).write_text(Path(cfg).read_text().replace('instance_data_dir = "', 'instance_data_dir = "/typo'))
+    Path(cfg).write_text(
+        Path(cfg).read_text().replace('instance_data_dir = "', 'instance_data_dir = "/typo')
+    )
     message = fails([cfg, "--lora_rank=8", "--overwrite_output_dir=true"])
     assert "instance_data_dir /typo" in message and "is not a folder" in message, message
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if "old" in p.name) == []
 
 
-def test_a_second_run_on_the_same_folder_stops_and_a_killed_runs_lock_is_taken_over(tiny_edit, tmp_path):
+def test_a_second_run_on_the_same_folder_stops_and_a_killed_runs_lock_is_taken_over(
+    tiny_edit, tmp_path
+):
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=400, checkpointing_steps=400)
     first = subprocess.Popen(
-        [sys.executable, ROOT / "train.py", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, ROOT / "train.py", cfg],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while "pid" not in ((tmp_path / "out/.lock").read_text() if (tmp_path / "out/.lock").exists() else ""):
+    while "pid" not in (
+        (tmp_path / "out/.lock").read_text() if (tmp_path / "out/.lock").exists() else ""
+    ):
         assert time.time() < deadline and first.poll() is None
         time.sleep(0.05)
     message = fails([cfg, "--max_train_steps=2"])
     assert f"is in use by pid {first.pid}" in message, message
     first.send_signal(signal.SIGKILL)
     first.wait()
-    train.main([cfg, "--max_train_steps=2", "--checkpointing_steps=2"])  # the lock of a dead run is free
+    train.main(
+        [cfg, "--max_train_steps=2", "--checkpointing_steps=2"]
+    )  # the lock of a dead run is free
     assert [row["step"] for row in losses(tmp_path / "out")] == [1, 2]
 
 
 def limit_file_size(nbytes: int):
     def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
 
     return apply
@@ -403,20 +469,21 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tiny_edit, tmp
     assert_one_line_error(proc, "step-000004: cannot write the checkpoint", "free disk space")
     names = sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir())
     assert (
-        names == ["step-000002"] and train.verify_checkpoint(tmp_path / "out/checkpoints/step-000002") is None
+        names == ["step-000002"]
+        and train.verify_checkpoint(tmp_path / "out/checkpoints/step-000002") is None
     )
     assert not list((tmp_path / "out").rglob("*.tmp-*"))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Non-finite steps and out of memory
 
 
 def test_a_non_finite_step_is_never_applied_and_the_last_truly_good_checkpoint_is_named(
     tiny_edit, tmp_path, monkeypatch
 ):
-    """Step 4's loss is NaN: step 4 is not applied, step 3's checkpoint (whose weights gave it) is moved
-    aside, step 2's is named, and the shared LoRA file is step 2's."""
+    """Step 4's loss is NaN: step 4 is not applied, step 3's checkpoint (whose weights gave it) is
+    moved aside, step 2's is named, and the shared LoRA file is step 2's."""
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=6, checkpointing_steps=1)
     real = train.batch_loss
 
@@ -433,14 +500,16 @@ def test_a_non_finite_step_is_never_applied_and_the_last_truly_good_checkpoint_i
     )
     assert "step-000003 moved aside" in message and "\n" not in message, message
     names = sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir())
-    assert names[:2] == ["step-000001", "step-000002"] and names[2].startswith("step-000003.nonfinite-"), (
-        names
-    )
+    assert names[:2] == ["step-000001", "step-000002"] and names[2].startswith(
+        "step-000003.nonfinite-"
+    ), names
     assert same_lora(lora_of(tmp_path / "out"), lora_of(good))
     assert [row["step"] for row in losses(tmp_path / "out")] == [1, 2, 3]
 
 
-def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tiny_edit, tmp_path, monkeypatch):
+def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(
+    tiny_edit, tmp_path, monkeypatch
+):
     cfg = write_config(tmp_path, tiny_edit, max_train_steps=6, checkpointing_steps=2)
     real = train.batch_loss
 
@@ -451,16 +520,21 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tiny_edit,
 
     monkeypatch.setattr(train, "batch_loss", oom_at_step_3)
     message = fails([cfg])
-    assert message.startswith("error: out of GPU memory while training step 3 (") and "\n" not in message, (
-        message
-    )
-    assert 'base_model_precision = "int8"' in message and "checkpoint_keep_attention = false" in message
     assert (
-        "step-000002" in message and train.verify_checkpoint(tmp_path / "out/checkpoints/step-000002") is None
+        message.startswith("error: out of GPU memory while training step 3 (")
+        and "\n" not in message
+    ), message
+    assert (
+        'base_model_precision = "int8"' in message
+        and "checkpoint_keep_attention = false" in message
+    )
+    assert (
+        "step-000002" in message
+        and train.verify_checkpoint(tmp_path / "out/checkpoints/step-000002") is None
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config values
 
 
@@ -471,12 +545,18 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tiny_edit,
         (["--learning_rate=fast"], "learning_rate should be float"),
         (["--lr_scheduler=step"], "lr_scheduler = 'step': choose one of"),
         (["--base_model_precision=int4"], "base_model_precision: unknown quantization mode 'int4'"),
-        (["--text_encoder_precision=fp8-compute"], "text_encoder_precision: unknown quantization mode"),
+        (
+            ["--text_encoder_precision=fp8-compute"],
+            "text_encoder_precision: unknown quantization mode",
+        ),
         (["--pretrained_model_name_or_path=/nowhere/ckpt"], "no such folder"),
         (["--checkpointing_steps=0"], "checkpointing_steps = 0: must be at least 1"),
         (["--device=bogus"], "device = 'bogus': not a device"),
         (["--lora_alpha=0"], "lora_alpha = 0.0: must be in (0, 1000000.0]"),
-        (["--caption_dropout_probability=7"], "caption_dropout_probability = 7.0: must be in [0, 1]"),
+        (
+            ["--caption_dropout_probability=7"],
+            "caption_dropout_probability = 7.0: must be in [0, 1]",
+        ),
         (["--learning_rate=-1"], "learning_rate = -1.0: must be in (0, 1]"),
         (["--learning_rate=1e9"], "learning_rate = 1000000000.0: must be in (0, 1]"),
         (["--lora_dropout=1.5"], "lora_dropout = 1.5: must be in [0, 1)"),
@@ -495,23 +575,24 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tiny_edit,
 )
 def test_bad_configs_fail_cleanly_naming_the_key(tiny_edit, tmp_path, args, message):
     message_got = fails([write_config(tmp_path, tiny_edit), *args])
-    assert message in message_got and message_got.startswith("error: ") and "\n" not in message_got, (
-        message_got
-    )
+    assert (
+        message in message_got and message_got.startswith("error: ") and "\n" not in message_got
+    ), message_got
     assert not (tmp_path / "out").exists()
 
 
 def test_config_errors_leave_the_process_without_a_traceback(tiny_edit, tmp_path):
     cfg = write_config(tmp_path, tiny_edit, validaton_steps=5)
     assert_one_line_error(
-        train_cli(cfg, check=False), "unknown key 'validaton_steps' (did you mean 'validation_steps'?)"
+        train_cli(cfg, check=False),
+        "unknown key 'validaton_steps' (did you mean 'validation_steps'?)",
     )
 
 
 def test_bf16_training_without_autocast_stays_within_bf16_rounding_of_autocast(tiny_edit):
-    """mixed_precision = "bf16" runs the base and activations in bf16 with no autocast (fewer casts; LoRA
-    weights stay float32): on the CPU its loss is within 1% of a float32 model under bf16 autocast and its
-    LoRA gradients point the same way (cosine > 0.99)."""
+    """mixed_precision = "bf16" runs the base and activations in bf16 with no autocast (fewer casts;
+    LoRA weights stay float32): on the CPU its loss is within 1% of a float32 model under bf16
+    autocast and its LoRA gradients point the same way (cosine > 0.99)."""
     g = torch.Generator().manual_seed(0)
     x0, ref, noise = (torch.randn(1, 16, 6, 8, generator=g) for _ in range(3))
     text, sigma = torch.randn(1, 5, 64, generator=g), torch.tensor([0.6])
@@ -537,6 +618,8 @@ def test_bf16_training_without_autocast_stays_within_bf16_rounding_of_autocast(t
 def test_the_shipped_configs_are_valid():
     """config.toml and examples/tiny.toml load with every key known, typed and in range."""
     real = config.load_config(ROOT / "config.toml", [])
-    assert real.pretrained_model_name_or_path == "meituan-longcat/LongCat-Image-Edit" and real.datasets
+    assert (
+        real.pretrained_model_name_or_path == "meituan-longcat/LongCat-Image-Edit" and real.datasets
+    )
     assert real.text_encoder_precision == "int8" and real.attention_backend == "auto"
     assert config.load_config(EXAMPLES / "tiny.toml", []).pretrained_model_name_or_path == "tiny"

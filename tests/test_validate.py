@@ -1,6 +1,6 @@
-"""validate.py as a user runs it, held to diffusers' pipelines on the same checkpoint, seed and prompts; its
-prompt encoding held to diffusers' encode_prompt; every input checked before a model loads; nothing
-overwritten; each model read from disk once."""
+"""validate.py as a user runs it, held to diffusers' pipelines on the same checkpoint, seed and
+prompts; its prompt encoding held to diffusers' encode_prompt; every input checked before a model
+loads; nothing overwritten; each model read from disk once."""
 
 import pickle
 
@@ -31,12 +31,15 @@ def pixels(path) -> np.ndarray:
 
 @pytest.fixture
 def small_edit_area(monkeypatch):
-    """diffusers' edit pipeline always renders ~1 MP; shrink its area so tests stay quick (ours gets the same
-    size through --resolution; the 1 MP default itself is checked once below and in test_model)."""
+    """diffusers' edit pipeline always renders ~1 MP; shrink its area so tests stay quick (ours gets
+    the same size through --resolution; the 1 MP default itself is checked once below and in
+    test_model)."""
     import diffusers.pipelines.longcat_image.pipeline_longcat_image_edit as edit
 
     original = edit.calculate_dimensions
-    monkeypatch.setattr(edit, "calculate_dimensions", lambda area, ratio: original(192 * 192, ratio))
+    monkeypatch.setattr(
+        edit, "calculate_dimensions", lambda area, ratio: original(192 * 192, ratio)
+    )
     return lambda w, h: original(192 * 192, w / h)
 
 
@@ -48,7 +51,7 @@ def diffusers_edit(ckpt, ref, prompt, steps, seed=0, dtype=None, lora_file=None,
     return pipe(Image.open(ref), prompt, num_inference_steps=steps, generator=g, **kw).images[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompt encoding
 
 PROMPTS = [
@@ -72,7 +75,9 @@ def test_quoted_text_is_tokenised_by_character(tiny_edit):
     te = pipeline.load_text_encoder(tiny_edit, torch.float32)
     assert len(te.ids("blue")) < 4  # the tiny BPE merges this word ...
     ids = te.tokenize("make it 'blue'")
-    assert ids == te.ids("make it ") + [i for ch in "'blue'" for i in te.ids(ch)]  # ... but not when quoted
+    assert ids == te.ids("make it ") + [
+        i for ch in "'blue'" for i in te.ids(ch)
+    ]  # ... but not when quoted
     assert len(te.tokenize("word " * 600)) == pipeline.MAX_PROMPT_TOKENS
 
 
@@ -105,7 +110,7 @@ def test_t2i_prompt_embeddings_match_diffusers(tiny_t2i):
         assert torch.allclose(got, want, rtol=0, atol=1e-6), (prompt, (got - want).abs().max())
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The pipeline against diffusers'
 
 
@@ -130,7 +135,9 @@ def test_edit_matches_diffusers(tiny_edit, tmp_path, small_edit_area, ref_size, 
         resolution=f"{w}x{h}",
         out=out,
     )
-    want = diffusers_edit(tiny_edit, ref, prompt, 3, seed=7, negative_prompt=negative, guidance_scale=4.5)
+    want = diffusers_edit(
+        tiny_edit, ref, prompt, 3, seed=7, negative_prompt=negative, guidance_scale=4.5
+    )
     assert Image.open(out).size == want.size == (w, h)
     assert psnr(Image.open(out), want) >= 60, psnr(Image.open(out), want)
 
@@ -138,7 +145,12 @@ def test_edit_matches_diffusers(tiny_edit, tmp_path, small_edit_area, ref_size, 
 def test_edit_default_size_is_one_megapixel_and_matches_diffusers(tiny_edit, tmp_path):
     ref = reference(tmp_path / "ref.png", 160, 96, seed=3)
     validate_cli(
-        model=tiny_edit, ref=ref, prompt="add a hat", steps=2, guidance=1.0, out=tmp_path / "ours.png"
+        model=tiny_edit,
+        ref=ref,
+        prompt="add a hat",
+        steps=2,
+        guidance=1.0,
+        out=tmp_path / "ours.png",
     )
     want = diffusers_edit(tiny_edit, ref, "add a hat", 2, guidance_scale=1.0)
     got = Image.open(tmp_path / "ours.png")
@@ -148,7 +160,11 @@ def test_edit_default_size_is_one_megapixel_and_matches_diffusers(tiny_edit, tmp
 
 @pytest.mark.parametrize("renorm", [True, False])
 def test_t2i_matches_diffusers(tiny_t2i, tmp_path, renorm):
-    prompt, negative, out = 'a poster that says "LongCat" in bold letters', "ugly", tmp_path / "ours.png"
+    prompt, negative, out = (
+        'a poster that says "LongCat" in bold letters',
+        "ugly",
+        tmp_path / "ours.png",
+    )
     validate_cli(
         model=tiny_t2i,
         prompt=prompt,
@@ -178,11 +194,17 @@ def test_t2i_matches_diffusers(tiny_t2i, tmp_path, renorm):
 
 
 def test_bfloat16_runs_are_bit_exact_with_diffusers(tiny_edit, tiny_t2i, tmp_path, small_edit_area):
-    """In bf16 every rounding counts: op order, fused ops, even the memory layout the VAE's convs see."""
+    """In bf16 every rounding counts: op order, fused ops, even the memory layout the VAE's convs
+    see."""
     ref, (w, h) = reference(tmp_path / "ref.png", 200, 120), small_edit_area(200, 120)
     common = dict(steps=3, seed=5, dtype="bfloat16")
     validate_cli(
-        model=tiny_edit, ref=ref, prompt="add 'rain'", resolution=f"{w}x{h}", out=tmp_path / "e.png", **common
+        model=tiny_edit,
+        ref=ref,
+        prompt="add 'rain'",
+        resolution=f"{w}x{h}",
+        out=tmp_path / "e.png",
+        **common,
     )
     validate_cli(
         model=tiny_t2i,
@@ -219,8 +241,9 @@ def test_the_seed_and_the_prompt_change_the_image(tiny_t2i, tmp_path):
 
 
 def peft_lora_file(ckpt, folder, rank=4, alpha=8, seed=0):
-    """A LoRA made the usual way: peft on diffusers' transformer (alpha != rank), random B, saved as the
-    diffusers trainers save it: keys `transformer.<module>.lora_A/B.weight` plus the peft config metadata."""
+    """A LoRA made the usual way: peft on diffusers' transformer (alpha != rank), random B, saved as
+    the diffusers trainers save it: keys `transformer.<module>.lora_A/B.weight` plus the peft config
+    metadata."""
     from diffusers import LongCatImageTransformer2DModel
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
     from peft import LoraConfig, get_peft_model_state_dict
@@ -274,9 +297,10 @@ def test_quantized_transformer_stays_close_to_float(tiny_t2i, tmp_path, mode, fl
 
 
 def test_int8_cuts_peak_resident_memory_where_the_transformer_dominates(tiny_t2i, tmp_path):
-    """A checkpoint whose transformer (360 M parameters) dwarfs the rest: peak resident memory of validate.py
-    with an int8 transformer (quantized tensor by tensor while it loads) must be at most 0.75x that with
-    full-precision weights (float32 keeps the CPU matmuls quick; README gives the bf16 figures)."""
+    """A checkpoint whose transformer (360 M parameters) dwarfs the rest: peak resident memory of
+    validate.py with an int8 transformer (quantized tensor by tensor while it loads) must be at most
+    0.75x that with full-precision weights (float32 keeps the CPU matmuls quick; README gives the
+    bf16 figures)."""
     import shutil
 
     import tiny
@@ -292,21 +316,34 @@ def test_int8_cuts_peak_resident_memory_where_the_transformer_dominates(tiny_t2i
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
     tiny.save_component(ckpt / "transformer", state, config, shards=3)
     del state
-    # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) high-water mark into ru_maxrss.
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) high-water mark into
+    # ru_maxrss.
     code = (
-        "import atexit, runpy, sys; atexit.register(lambda: print('PEAK', open('/proc/self/status').read()"
+        "import atexit, runpy, sys; "
+        "atexit.register(lambda: print('PEAK', open('/proc/self/status').read()"
         ".split('VmHWM:')[1].split()[0], file=sys.stderr)); sys.argv = ['validate.py'] + sys.argv[1:]; "
         f"runpy.run_path({str(ROOT / 'validate.py')!r}, run_name='__main__')"
     )
     peak = {}
     for mode in ("none", "int8"):
-        args = ["--model", ckpt, "--prompt", "x", "--steps", 1, "--guidance", 1, "--resolution", "64x64"]
+        args = [
+            "--model",
+            ckpt,
+            "--prompt",
+            "x",
+            "--steps",
+            1,
+            "--guidance",
+            1,
+            "--resolution",
+            "64x64",
+        ]
         out = ["--dtype", "float32", "--quant", mode, "--out", tmp_path / f"{mode}.png"]
         peak[mode] = int(run_script("-c", code, *args, *out).stderr.split("PEAK")[1].split()[0])
     assert peak["int8"] <= 0.75 * peak["none"], peak
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inputs: read as training reads them, checked before any model loads
 
 
@@ -315,7 +352,9 @@ def test_an_exif_rotated_portrait_is_edited_as_a_portrait(tiny_edit, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation 6: the camera was turned; viewers show it rotated 90° clockwise
     landscape.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
-    validate_cli(model=tiny_edit, ref=tmp_path / "portrait.jpg", prompt="x", steps=1, out=tmp_path / "o.png")
+    validate_cli(
+        model=tiny_edit, ref=tmp_path / "portrait.jpg", prompt="x", steps=1, out=tmp_path / "o.png"
+    )
     w, h = Image.open(tmp_path / "o.png").size
     assert h > w, (w, h)
 
@@ -371,7 +410,9 @@ def test_bad_input_is_one_line_before_any_model_loads(tiny_edit, tmp_path, extra
     args = dict(model=tiny_edit, ref=ref, prompt="x", steps=1, out=tmp_path / "o.png")
     for key, value in extra.items():
         value = (
-            str(bad_lora(value, tmp_path)) if key == "lora" and value in ("pickle", "shape", "nan") else value
+            str(bad_lora(value, tmp_path))
+            if key == "lora" and value in ("pickle", "shape", "nan")
+            else value
         )
         args[key] = value.format(tmp=tmp_path) if isinstance(value, str) else value
     proc = validate_cli(**{k: v for k, v in args.items() if v is not None}, check=False)
@@ -420,12 +461,13 @@ def test_a_non_finite_result_is_an_error_not_a_black_picture(tiny_t2i, tmp_path)
     assert not (tmp_path / "o.png").exists()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Models: read once, on the device only while needed; out-of-memory as one line
 
 
 def count_reads(monkeypatch) -> dict[str, int]:
-    """Count every read of each model from disk (model.py's loaders and validate's text encoder loader)."""
+    """Count every read of each model from disk (model.py's loaders and validate's text encoder
+    loader)."""
     reads = {"vae": 0, "transformer": 0, "text_encoder": 0}
     for owner, name in ((M, "vae"), (M, "transformer"), (pipeline, "text_encoder")):
         load = getattr(owner, f"load_{name}")
@@ -445,12 +487,16 @@ def test_each_model_is_read_once_however_many_images(tiny_edit, tmp_path, monkey
     settings = pipeline.Settings((64, 64), steps=1)
     first = [pipeline.render(models, p, ref, settings, progress=False)[0] for p in ("a", "b", "a")]
     assert reads == {"vae": 1, "transformer": 1, "text_encoder": 1} == dict(models.loads), reads
-    assert np.array_equal(np.asarray(first[0]), np.asarray(first[2]))  # the same request, the same bytes
+    assert np.array_equal(
+        np.asarray(first[0]), np.asarray(first[2])
+    )  # the same request, the same bytes
 
 
 def test_out_of_memory_is_one_line_naming_the_stage_and_the_knobs(tiny_t2i, tmp_path, monkeypatch):
     def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.2 GiB free")
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.2 GiB free"
+        )
 
     monkeypatch.setattr(M.LongCatTransformer, "forward", oom)
     with pytest.raises(SystemExit) as stop:
@@ -469,6 +515,8 @@ def test_out_of_memory_is_one_line_naming_the_stage_and_the_knobs(tiny_t2i, tmp_
             ]
         )
     message = str(stop.value)
-    assert message.startswith("error: out of GPU memory while sampling 64x64 (tried to allocate 2.00 gib")
+    assert message.startswith(
+        "error: out of GPU memory while sampling 64x64 (tried to allocate 2.00 gib"
+    )
     assert "--quant int8" in message and "\n" not in message
     assert not (tmp_path / "o.png").exists()
