@@ -253,7 +253,7 @@ def test_batch_loss_equals_the_official_recipe_on_what_it_drew(tiny_edit, monkey
 
     monkeypatch.setattr(train, "flow_loss", recording)
     cfg = config.Config(seed=4, caption_dropout_probability=0.5)
-    sched = config.read_scheduler(tiny_edit)
+    sched = M.read_scheduler(tiny_edit)
     rec = Recorder(ours_model)
     loss = train.batch_loss(ours_model, batch, slice(0, 2), 0, cfg, sched, torch.device("cpu"))
     loss.backward()
@@ -293,7 +293,7 @@ def drawn_sigmas(
         "bucket": (8 * w, 8 * h),
     }
     cfg = config.Config(seed=1, caption_dropout_probability=0.0, **keys)
-    sched = config.read_scheduler(tiny_edit)
+    sched = M.read_scheduler(tiny_edit)
     for step in range(n // rows):
         train.batch_loss(None, batch, slice(0, rows), step, cfg, sched, torch.device("cpu"))
     return torch.cat(sigmas), torch.cat(noises)
@@ -309,7 +309,7 @@ def test_sigma_is_logit_normal_shifted_by_the_schedulers_mu_at_the_target_token_
     """SPEC §6: σ = sigmoid(N(0, 1)), then σ' = e^mu / (e^mu + 1/σ - 1), i.e. logit(σ') =
     logit(σ) + mu, with mu linear in the target's token count (h/2)(w/2) between the scheduler's
     two anchors."""
-    sched = config.read_scheduler(tiny_edit)
+    sched = M.read_scheduler(tiny_edit)
     h, w = 64, 64  # 1024 target tokens: mu 0.63 (4096, the latent pixels, would give 1.15)
     sigma, noise = drawn_sigmas(monkeypatch, tiny_edit, 1000, h, w)
     tokens = (h // 2) * (w // 2)
@@ -362,7 +362,7 @@ def test_sigma_with_a_static_shift_or_uniform(tiny_edit, monkeypatch):
 def test_the_shift_is_the_schedulers_line_through_its_two_anchors(tiny_edit, tokens):
     """200k draws at the anchors (256 -> base_shift, 4096 -> max_shift) and between: logit(σ') has
     mean mu within 0.015 (7 standard errors), fine enough to see mu's intercept off by 0.04."""
-    sched = config.read_scheduler(tiny_edit)
+    sched = M.read_scheduler(tiny_edit)
     x0, x1 = sched["base_image_seq_len"], sched["max_image_seq_len"]
     y0, y1 = sched["base_shift"], sched["max_shift"]
     mu = y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
