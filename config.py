@@ -198,6 +198,8 @@ class Config:
     checkpointing_steps: int = 250
     checkpoints_total_limit: int = 3
     resume_from_checkpoint: str = "latest"  # latest | none | a checkpoint folder
+    # go on although pairs were added, removed or changed since the run began (recorded in data.json)
+    resume_with_changed_data: bool = False
     seed: int = 0
     # bf16: on a GPU the base and activations in bfloat16 (LoRA and AdamW stay float32) | no:
     # float32

@@ -895,3 +895,44 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run trained on, to notice a changed dataset on resume
+
+
+def data_manifest(
+    datasets: list[DatasetConfig], samples: list[Sample]
+) -> dict[str, dict[str, str]]:
+    """{dataset id: {pair name: digest}}: each pair by its path inside the dataset's folder, its
+    digest over the images' content and the captions. Two scans of unchanged data give the same."""
+    folders = {ds.id: ds.instance_data_dir for ds in datasets}
+    manifest: dict[str, dict[str, str]] = {}
+    for s in samples:
+        name = s.target.relative_to(folders[s.dataset]).with_suffix("").as_posix()
+        content = json.dumps([s.target_hash, s.reference_hash, s.captions])
+        manifest.setdefault(s.dataset, {})[name] = hashlib.sha256(content.encode()).hexdigest()
+    return manifest
+
+
+def describe_changes(before: dict, now: dict) -> list[str]:
+    """One line per dataset whose pairs differ: how many were added, removed and changed, with the
+    first few names."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    lines = []
+    for ds in sorted(set(before) | set(now)):
+        old = before.get(ds, {})
+        new = now.get(ds, {})
+        parts = []
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+        for what, names in (("added", added), ("removed", removed), ("changed", changed)):
+            if names:
+                parts.append(f"{len(names)} pair(s) {what} ({some(names)})")
+        if parts:
+            lines.append(f"dataset '{ds}': " + "; ".join(parts))
+    return lines

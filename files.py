@@ -19,11 +19,15 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
+
+# This machine, in temporaries' names (no '/' in a file name).
+HOST = socket.gethostname().replace("/", "_")
 
 
 class WriteError(ValueError):
@@ -31,8 +35,9 @@ class WriteError(ValueError):
 
 
 def temporary_name(path: Path) -> Path:
-    """Where `path` is written before it is moved into place: same folder, so the rename is atomic."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """Where `path` is written before it is moved into place: the same folder, so the rename is
+    atomic; the machine and the process in the name, so a leftover can be proven stale."""
+    return path.with_name(f"{path.name}.tmp-{HOST}-{os.getpid()}")
 
 
 def _discard(tmp: Path) -> None:
@@ -114,7 +119,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")
+TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
 
 
 def stale_temporaries(folder: Path) -> list[Path]:
@@ -126,7 +131,8 @@ def stale_temporaries(folder: Path) -> list[Path]:
     stale = []
     for p in sorted(folder.iterdir()):
         m = TEMPORARY.match(p.name)
-        if m and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+        ours = m is not None and m["host"] == HOST and int(m["pid"]) != os.getpid()
+        if ours and not pid_alive(int(m["pid"])):
             stale.append(p)
     return stale
 

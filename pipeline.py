@@ -638,10 +638,13 @@ class Models:
         )
 
 
-def render(models: Models, prompt: str, ref, s: Settings, on_step=None, progress=True):
+def render(
+    models: Models, prompt: str, ref, s: Settings, on_step=None, progress=True, on_warning=None
+):
     """The whole pipeline on a Models: prompt (+ the reference PIL image to edit, or a list of them)
     -> (image, previews). The output size is ~1 MP at the first reference's aspect unless s.size
-    says otherwise; every reference is resized to it."""
+    says otherwise; every reference is resized to it. on_warning(message) hears what is worth a
+    word (a prompt cut at 512 tokens); by default it goes to stderr once."""
     refs = [] if ref is None else ref if isinstance(ref, list) else [ref]
     if s.size is not None:
         size = s.size
@@ -652,10 +655,11 @@ def render(models: Models, prompt: str, ref, s: Settings, on_step=None, progress
     refs = [r.resize(size, Image.LANCZOS) for r in refs]
     with explain_oom("encoding the prompt", device=models.device):
         te = models.text_encoder()
+        te.warn = on_warning or warn_once
         txt = te.encode(prompt, refs or None)
         neg = None
         if s.guidance > 1:  # the negative prompt sees the same reference images
-            neg = te.encode(s.negative, refs or None)
+            neg = te.encode(s.negative, refs or None, "the negative prompt")
     vae = models.vae()
     latents = []
     with explain_oom(f"encoding the reference {size[0]}x{size[1]}", device=models.device):

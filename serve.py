@@ -276,16 +276,24 @@ class Handler(BaseHTTPRequestHandler):
             except images.ImageError as e:
                 raise HTTPError(400, one_line(e)) from None
             self.server.progress = {"busy": True, "step": 0, "steps": s.steps, "preview": None}
+            warnings = []
             try:
                 image, _ = self.server.render(
-                    prompt, ref, s, on_step=self.server.on_step, progress=False
+                    prompt,
+                    ref,
+                    s,
+                    on_step=self.server.on_step,
+                    progress=False,
+                    on_warning=warnings.append,
                 )
             # the pipeline's own errors (OutOfMemory, a non-finite result) are one-line ValueErrors
             except ValueError as e:
                 raise HTTPError(422, one_line(e)) from None
         finally:
-            self.server.progress = {**self.server.progress, "busy": False}
+            # the page polls progress: it also shows what the pipeline warned about
+            self.server.progress = {**self.server.progress, "busy": False, "warnings": warnings}
             self.server.lock.release()
+        self.warnings = warnings  # and a script reads them from the reply's headers
         w, h = image.size
         self.log_message("%s", f"{w}x{h}, {s.steps} steps, seed {s.seed}: {prompt[:60]!r}")
         return png_bytes(image)
@@ -327,6 +335,11 @@ class Handler(BaseHTTPRequestHandler):
         body = (body + "\n").encode() if isinstance(body, str) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for message in getattr(self, "warnings", []):  # HTTP headers are Latin-1: ASCII only
+            self.send_header(
+                "X-Minicat-Warning", one_line(message).encode("ascii", "replace").decode()
+            )
+        self.warnings = []
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         if status >= 400:  # part of the body may be unread: start afresh on a new connection

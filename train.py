@@ -23,6 +23,7 @@ place; an output_dir is locked by the run using it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -164,7 +165,7 @@ def save_checkpoint(
             tmp / "pytorch_lora_weights.safetensors", transformer, metadata={"step": step}
         )
         save_file(states, str(tmp / "optimizer.safetensors"))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_file(rng_states(transformer), str(tmp / "rng.safetensors"))
         state = {
             "step": step,
             "loader": loader.state_dict(),
@@ -179,16 +180,27 @@ def save_checkpoint(
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": listing}, indent=2))
 
     files.write_atomic(final, write, "the checkpoint ")
-    done = [p for p, _ in checkpoints(out)]
-    for old in (
-        done[: max(0, len(done) - cfg.checkpoints_total_limit)]
-        if cfg.checkpoints_total_limit
-        else []
-    ):
-        shutil.rmtree(old)  # this run's own, verified, beyond the limit the config asks for
+    rotate_checkpoints(out, cfg.checkpoints_total_limit, run)
     shared = out / "pytorch_lora_weights.safetensors"
     files.write_atomic(shared, lambda tmp: shutil.copyfile(final / shared.name, tmp), "the LoRA ")
     return final
+
+
+def rng_states(transformer) -> dict[str, torch.Tensor]:
+    """The random states a resume must restore: the CPU generator's and, on a GPU, the generator of
+    the device the LoRA lives on (lora_dropout draws there)."""
+    states = {"torch": torch.get_rng_state()}
+    device = transformer.x_embedder.weight.device
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict[str, torch.Tensor], transformer) -> None:
+    torch.set_rng_state(states["torch"])
+    device = transformer.x_embedder.weight.device
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
@@ -197,9 +209,8 @@ def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         for name, f in manifest["files"].items():
-            if (path / name).stat().st_size != f["bytes"] or files.file_digest(path / name) != f[
-                "sha256"
-            ]:
+            size_differs = (path / name).stat().st_size != f["bytes"]
+            if size_differs or files.file_digest(path / name) != f["sha256"]:
                 return f"{name} is damaged (its size or sha256 differs from the manifest)"
         state = json.loads((path / "state.json").read_text())
     except FileNotFoundError as e:
@@ -223,11 +234,114 @@ def checkpoints(out: Path) -> list[tuple[Path, int]]:
     return sorted(((p, int(s)) for p, s in found if s.isdigit()), key=lambda ps: ps[1])
 
 
+def rotate_checkpoints(out: Path, limit: int, run: dict) -> list[Path]:
+    """Remove this run's oldest checkpoints beyond `limit` (0: keep all). Only checkpoints that
+    verify as this run's count and go; anything else in checkpoints/ (another run's, a damaged
+    one, a folder put there by hand) is left where it is and named once. Returns what was left."""
+    if not limit:
+        return []
+    ours = []
+    others = []
+    for path, _ in checkpoints(out):
+        if verify_checkpoint(path, run) is None:
+            ours.append(path)
+        else:
+            others.append(path)
+    for old in ours[: max(0, len(ours) - limit)]:
+        shutil.rmtree(old)
+    for path in others:
+        warn_once(f"{path} is not a verified checkpoint of this run: left in place, not rotated")
+    return others
+
+
+def validation_grids(out: Path) -> list[tuple[Path, int]]:
+    """(file, step) of every validation/step-NNNNNN.png, oldest first."""
+    found = [(p, p.stem.removeprefix("step-")) for p in (out / "validation").glob("step-*.png")]
+    return sorted(((p, int(s)) for p, s in found if s.isdigit()), key=lambda ps: ps[1])
+
+
+# What a run writes beside its checkpoints; an earlier run's copies are kept when it is superseded.
+HISTORY = ("loss.jsonl", "loss.png", "config.json", "run.json", "pytorch_lora_weights.safetensors")
+
+
+def supersede(out: Path, step: int) -> Path | None:
+    """Everything an earlier run in `out` wrote after `step`, which this run will write again, goes
+    aside together into out/superseded-<time>/: its later checkpoints and validation grids (all of
+    them when starting at step 0) are moved there, and the history files (loss log and curve,
+    config.json, run.json, the shared LoRA) are copied there as they were, so nothing is overwritten
+    or cut. Returns that folder, or None when nothing came after `step`."""
+    later = [p for p, s in checkpoints(out) if s > step]
+    grids = [p for p, s in validation_grids(out) if s > step or step == 0]
+    rows = LossLog.read(out / "loss.jsonl")
+    history = [out / n for n in HISTORY if (out / n).exists()]
+    started_over = step == 0 and bool(rows or history)
+    if not (later or grids or any(r["step"] > step for r in rows) or started_over):
+        return None
+    aside = out / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    for path in later:
+        (aside / "checkpoints").mkdir(parents=True, exist_ok=True)
+        path.rename(aside / "checkpoints" / path.name)
+    for path in grids:
+        (aside / "validation").mkdir(parents=True, exist_ok=True)
+        path.rename(aside / "validation" / path.name)
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in history:
+        shutil.copy2(path, aside / path.name)
+    return aside
+
+
+def check_output_dir(out: Path, datasets: list) -> None:
+    """Refuse an output_dir inside a dataset's image or cache folder, or holding one: its pictures
+    and checkpoints would become training data (or orphans) on the next run."""
+    for ds in datasets:
+        folders = {
+            "instance_data_dir": ds.instance_data_dir,
+            "cache_dir_vae": ds.cache_dir_vae,
+            "cache_dir_text": ds.cache_dir_text,
+        }
+        for key, folder in folders.items():
+            folder = Path(folder).resolve()
+            if out == folder or folder in out.parents:
+                where = "is"
+            elif out in folder.parents:
+                where = "holds"
+            else:
+                continue
+            inside = "inside" if where == "is" else "the folder of"
+            raise ValueError(
+                f"output_dir {out} {where} {inside} dataset '{ds.id}' {key} {folder}: choose an "
+                "output_dir outside your data and caches"
+            )
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove the temporaries (`NAME.tmp-HOST-PID`) that killed runs of this machine left in the
+    output folder, and say so; a live writer's, another machine's and every other name stay."""
+    found = []
+    for folder in (out, out / "checkpoints", out / "validation"):
+        found += files.remove_stale_temporaries(folder)
+    if found:
+        names = ", ".join(p.name for p in found[:5]) + (" ..." if len(found) > 5 else "")
+        print(f"removed {len(found)} leftover(s) of killed runs: {names}")
+
+
+def warn_once(message: str, said: set = set()) -> None:  # noqa: B006 - the set is the memory
+    if message not in said:
+        said.add(message)
+        print(f"warning: {message}")
+
+
 def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None, list[str]]:
     """The checkpoint to continue from, and warnings: the one named (refused unless it verifies and
-    is of this run), or with "latest" the newest that verifies (those skipped are named).
-    Checkpoints after it, which this run would write again, are moved aside."""
-    notes, chosen = [], None
+    is of this run), or with "latest" the newest that verifies (those skipped are named). A
+    checkpoint past max_train_steps is refused: continuing would hand back a longer run than the
+    config asks for. What an earlier run wrote past the chosen step goes aside (supersede)."""
+    notes = []
+    chosen = None
     if cfg.resume_from_checkpoint not in ("latest", "none"):
         chosen = Path(cfg.resume_from_checkpoint).expanduser().resolve()
         if problem := verify_checkpoint(chosen, run):
@@ -240,15 +354,26 @@ def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None
                 chosen = path
                 break
             notes.append(f"checkpoint {path} is {problem}: skipped, moved aside")
-    step = json.loads((chosen / "state.json").read_text())["step"] if chosen is not None else 0
-    files.move_aside([p for p, s in checkpoints(out) if s > step], "superseded")
+    step = 0
+    if chosen is not None:
+        step = json.loads((chosen / "state.json").read_text())["step"]
+    if step > cfg.max_train_steps:
+        raise ValueError(
+            f"max_train_steps = {cfg.max_train_steps}, but {chosen} is at step {step}: raise "
+            "max_train_steps to go on, or set resume_from_checkpoint to a checkpoint at or before "
+            f"step {cfg.max_train_steps} (or none) to train again from there; later checkpoints are "
+            "then moved aside, never deleted"
+        )
+    aside = supersede(out, step)
+    if aside is not None:
+        notes.append(f"what the earlier run wrote after step {step} is kept in {aside}")
     return chosen, notes
 
 
 def load_checkpoint(path: Path, transformer, loader) -> tuple[int, dict]:
     """LoRA weights and RNG into place (before the optimizer is built); returns (step, AdamW states)."""
     lora.load_lora(transformer, path / "lora.safetensors")
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    restore_rng_states(load_file(str(path / "rng.safetensors")), transformer)
     state = json.loads((path / "state.json").read_text())
     loader.load_state_dict(state["loader"])
     return state["step"], load_file(str(path / "optimizer.safetensors"))
@@ -326,14 +451,20 @@ class LossLog:
             files.write_atomic(path, lambda tmp: tmp.write_text(kept), "the loss log ")
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
+        return self.read(self.path)
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        """The rows of a loss log, one per step (the last line for a step wins; a line cut short by a
+        kill is skipped)."""
+        if not path.exists():
             return []
         rows = {}
-        for line in self.path.read_text().splitlines():
+        for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
                 rows[row["step"]] = row
-            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            except (ValueError, KeyError, TypeError):
                 continue
         return [rows[s] for s in sorted(rows)]
 
@@ -368,7 +499,10 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, config.pick_device(device, "device =")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # Rank 0 builds the caches while the others wait at a barrier: NCCL's default 10 minutes would
+    # end any real dataset's first run, so the wait may last as long as caching takes.
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return dist.get_rank(), world, torch.device("cuda", torch.cuda.current_device())
@@ -428,6 +562,23 @@ def build_optimizer(
     return opt
 
 
+def average_over_ranks(params: list, loss: float, device) -> float:
+    """Data parallel: the LoRA gradients and the loss averaged over the ranks in one all_reduce of
+    one flat float32 buffer (not one call per tensor: a rank-16 LoRA on 12 targets is 720 tensors),
+    as DDP's gradient buckets do (Li et al. 2020, "PyTorch Distributed", sec. 3.2.3). A tensor with
+    no gradient on this rank counts as zeros. Returns the mean loss."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=device)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)  # (numel,) -> the tensor's shape
+        offset += n
+    return flat[-1].item()
+
+
 def train_step(
     transformer, batch: dict, step: int, cfg: config.Config, sched: dict, params: list, device
 ) -> tuple[float, float]:
@@ -441,13 +592,8 @@ def train_step(
         )
         loss.backward()
         total += loss.item()
-    if dist.is_initialized():  # data parallel: average the LoRA gradients and the loss over ranks
-        for p in params:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
-        t = torch.tensor([total], device=device)
-        dist.all_reduce(t)
-        total = t.item() / dist.get_world_size()
+    if dist.is_initialized():
+        total = average_over_ranks(params, total, device)
     norm = torch.nn.utils.clip_grad_norm_(
         params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     )
@@ -518,21 +664,62 @@ def stop_non_finite(
     )
 
 
-def claim_output_dir(out: Path, run: dict, cfg: config.Config, rank: int) -> Path | None:
-    """On rank 0 (holding the lock): refuse or move aside another run, choose the checkpoint to
-    resume from (the others' ranks get the same one)."""
-    resume, warnings = None, []
+def claim_output_dir(
+    out: Path, run: dict, cfg: config.Config, rank: int, manifest: dict
+) -> Path | None:
+    """On rank 0 (holding the lock): remove killed runs' leftovers, refuse or move aside another run,
+    choose the checkpoint to resume from and refuse to resume over changed data unless told to (the
+    other ranks get the same checkpoint)."""
+    resume = None
     if rank == 0:
+        remove_leftovers(out)
         start_over(out, run, cfg)
         resume, warnings = choose_resume(out, cfg, run)
         for w in warnings:
             print(f"warning: {w}")
+        if resume is not None:
+            check_same_data(out, manifest, cfg)
     if dist.is_initialized():
         dist.barrier()
         chosen = [resume]
         dist.broadcast_object_list(chosen)
         resume = chosen[0]
     return resume
+
+
+def check_same_data(out: Path, manifest: dict, cfg: config.Config) -> None:
+    """A resume goes on with the data the run began with: pairs added, removed or changed since are
+    named, and the run stops unless resume_with_changed_data = true (then the change is recorded in
+    data.json)."""
+    path = out / "data.json"
+    if not path.exists():
+        return  # a run from before data.json: nothing to compare with
+    recorded = json.loads(path.read_text())
+    changes = data.describe_changes(recorded["pairs"], manifest)
+    if not changes:
+        return
+    if not cfg.resume_with_changed_data:
+        raise ValueError(
+            "the data changed since this run began: "
+            + "; ".join(changes)
+            + ". Put the data back, use another output_dir (or resume_from_checkpoint = none) to "
+            "train afresh, or set resume_with_changed_data = true to go on with the new data"
+        )
+    print("warning: going on with changed data (recorded in data.json): " + "; ".join(changes))
+
+
+def record_data(out: Path, manifest: dict, step: int) -> None:
+    """data.json: the pairs this run trains on now, and every change it was told to go on with."""
+    path = out / "data.json"
+    record = {"pairs": manifest, "changes": []}
+    if path.exists():
+        before = json.loads(path.read_text())
+        record["changes"] = before.get("changes", [])
+        changes = data.describe_changes(before["pairs"], manifest)
+        if changes:
+            record["changes"].append({"at_step": step, "changes": changes})
+    text = json.dumps(record, indent=1)
+    files.write_atomic(path, lambda tmp: tmp.write_text(text), "the data record ")
 
 
 def begin_log(
@@ -551,25 +738,29 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
     rank, world, device = setup_distributed(cfg.device)
     ckpt, datasets, samples, notes, val = data.read_data(cfg, cfg_dir, device)
     M.set_attention_backend(cfg.attention_backend)
-    out, run = (
-        (cfg_dir / Path(cfg.output_dir).expanduser()).resolve(),
-        run_identity(cfg, ckpt, world),
-    )
+    out = (cfg_dir / Path(cfg.output_dir).expanduser()).resolve()
+    check_output_dir(out, datasets)
+    run = run_identity(cfg, ckpt, world)
+    manifest = data.data_manifest(datasets, samples)
     with OutputLock(out) if rank == 0 else nullcontext():
-        resume = claim_output_dir(out, run, cfg, rank)
+        resume = claim_output_dir(out, run, cfg, rank, manifest)
         models = data.prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
         transformer, params = build_transformer(cfg, ckpt, device)
         per_gpu = cfg.train_batch_size * cfg.gradient_accumulation_steps
         loader = data.Loader(samples, per_gpu, cfg.seed, rank, world)
-        step, states = (
-            load_checkpoint(resume, transformer, loader) if resume is not None else (0, {})
-        )
+        step = 0
+        states = {}
+        if resume is not None:
+            step, states = load_checkpoint(resume, transformer, loader)
         opt = build_optimizer(cfg, transformer, params, states)
-        max_steps = min(
-            cfg.max_train_steps, cfg.num_train_epochs * len(loader) or cfg.max_train_steps
-        )
+        max_steps = cfg.max_train_steps
+        if cfg.num_train_epochs:
+            max_steps = min(max_steps, cfg.num_train_epochs * len(loader))
         note = f"{sum(p.numel() for p in params):,} LoRA parameters on {device} x {world}"
-        log = begin_log(out, run, cfg, step, resume, note) if rank == 0 else None
+        log = None
+        if rank == 0:
+            log = begin_log(out, run, cfg, step, resume, note)
+            record_data(out, manifest, step)
         if rank == 0 and val and step == 0:
             run_validation(transformer, models, val, cfg, 0, out)
         bar = tqdm(
@@ -585,14 +776,11 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
             knobs = f"{config.TRAIN_KNOBS}; the last checkpoint, {last or 'none yet'}, is kept"
             with pipeline.explain_oom(where, knobs, device):
                 loss, norm = train_step(transformer, batch, step, cfg, models.sched, params, device)
-            if not (
-                math.isfinite(loss) and math.isfinite(norm)
-            ):  # checked before the update: never applied
-                raise (
-                    stop_non_finite(out, step, loss, norm, run)
-                    if rank == 0
-                    else FloatingPointError(loss)
-                )
+            # checked before the update: a non-finite step is never applied
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                if rank == 0:
+                    raise stop_non_finite(out, step, loss, norm, run)
+                raise FloatingPointError(loss)
             lr = cfg.learning_rate * lr_factor(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr

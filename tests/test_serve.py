@@ -410,3 +410,14 @@ def wait_for_port(port: int, proc, seconds: float = 120) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"nothing listens on {port} after {seconds} s")
+
+
+def test_a_prompt_past_512_tokens_is_cut_with_a_warning_the_page_shows(server):
+    """The pipelines keep 512 prompt tokens; the rest used to vanish without a word."""
+    long = PROMPT + " and" * 600
+    status, _, _ = post(server, image=png(), prompt=long, steps=1)
+    assert status == 200
+    warnings = get_progress(server)["warnings"]
+    assert len(warnings) == 1 and "only the first 512 are used" in warnings[0], warnings
+    post(server, image=png(), prompt=PROMPT, steps=1)
+    assert get_progress(server)["warnings"] == []  # a short prompt: no warning

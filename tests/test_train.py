@@ -358,14 +358,10 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_an_older_one_resumes_exactly
     train.main([cfg, "--max_train_steps=6"])
     assert same_lora(lora_of(tmp_path / "a/out"), lora_of(tmp_path / "b/out"))
     kept = sorted(p.name for p in (tmp_path / "b/out/checkpoints").iterdir())
-    assert kept[:3] == [
-        "step-000002",
-        "step-000004",
-        "step-000004.superseded-" + kept[2].split("-", 2)[2],
-    ]
-    assert (tmp_path / "b/out/checkpoints" / kept[2] / "lora.safetensors").read_bytes() == blob[
-        : len(blob) // 2
-    ]
+    assert kept == ["step-000002", "step-000004"], kept
+    # the damaged one is kept aside, with what else that run wrote after step 2
+    (aside,) = (tmp_path / "b/out").glob("superseded-*/checkpoints/step-000004")
+    assert (aside / "lora.safetensors").read_bytes() == blob[: len(blob) // 2]
 
 
 def test_resuming_an_older_checkpoint_moves_the_newer_aside(tiny_edit, tmp_path):
@@ -377,8 +373,14 @@ def test_resuming_an_older_checkpoint_moves_the_newer_aside(tiny_edit, tmp_path)
         [cfg, f"--resume_from_checkpoint={old}"]
     )  # re-runs steps 3-6 over the newer checkpoints
     assert same_lora(lora_of(tmp_path / "a/out"), lora_of(tmp_path / "b/out"))
-    aside = [p.name for p in (tmp_path / "b/out/checkpoints").iterdir() if ".superseded-" in p.name]
-    assert sorted(n.split(".")[0] for n in aside) == ["step-000004", "step-000006"]
+    (aside,) = (tmp_path / "b/out").glob("superseded-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == [
+        "step-000004",
+        "step-000006",
+    ]
+    # the earlier run's loss log is kept whole beside them, and the new one has one row per step
+    assert [r["step"] for r in losses(aside)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in losses(tmp_path / "b/out")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_another_runs_checkpoint_is_refused(tiny_edit, tmp_path):

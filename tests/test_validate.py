@@ -520,3 +520,17 @@ def test_out_of_memory_is_one_line_naming_the_stage_and_the_knobs(tiny_t2i, tmp_
     )
     assert "--quant int8" in message and "\n" not in message
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_prompt_past_512_tokens_is_cut_with_one_warning(tiny_t2i, tmp_path):
+    long = "a red fox" + " and" * 600
+    proc = validate_cli(
+        model=tiny_t2i, prompt=long, steps=1, resolution="64x64", out=tmp_path / "a.png"
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1, proc.stderr  # once, though the text is encoded for CFG too
+    assert "tokens, only the first 512 are used" in lines[0] and "a red fox" in lines[0], lines
+    short = validate_cli(
+        model=tiny_t2i, prompt="a red fox", steps=1, resolution="64x64", out=tmp_path / "b.png"
+    )
+    assert "warning:" not in short.stderr, short.stderr
