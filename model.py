@@ -91,7 +91,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # The SDPA kernels attention() may use, with and without autograd (set_attention_backend);
 # None: torch's choice.
-SDPA_BACKENDS: dict[bool, list | None] = {True: None, False: None}
+
 ATTENTION_CHOICES = {
     "auto": None,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -119,6 +119,11 @@ def attention_backends(name: str) -> dict[bool, list | None]:
 def set_attention_backend(name: str) -> None:
     """Choose the transformer's attention kernels (looked up per call: recomputation agrees)."""
     SDPA_BACKENDS.update(attention_backends(name))
+
+
+# The kernels in use: "auto" until set_attention_backend says otherwise, so a program that uses this
+# file without choosing never gets cuDNN's backward either.
+SDPA_BACKENDS: dict[bool, list | None] = attention_backends("auto")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -503,7 +503,9 @@ def build_transformer(
             default = torch.get_default_dtype()
             torch.set_default_dtype(dtype)  # made in dtype: the released model in float32 is 25 GB
             try:
-                with torch.device(where):
+                # made on the device even when blocks will be offloaded: random weights drawn on
+                # another device differ, and the bench compares setups on the same weights
+                with torch.device(device):
                     transformer = M.LongCatTransformer(source).requires_grad_(False)
             finally:
                 torch.set_default_dtype(default)

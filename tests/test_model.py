@@ -5,11 +5,13 @@ kernels and the speed options leave the numbers as they are."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, validate_cli
+from conftest import ROOT, assert_one_line_error, validate_cli
 from torch.nn.attention import SDPBackend
 
 import config
@@ -351,6 +353,15 @@ def test_auto_attention_never_allows_cudnn_where_gradients_flow():
     M.set_attention_backend("auto")
     assert SDPBackend.CUDNN_ATTENTION not in M.SDPA_BACKENDS[True] and M.SDPA_BACKENDS[True]
     assert M.SDPA_BACKENDS[False] is None  # inference: torch's own choice, cuDNN included
+
+
+def test_a_program_that_never_chooses_gets_auto():
+    """model.py used on its own (a copied file, a script): cuDNN's backward is off there too."""
+    code = "import model; print(model.SDPA_BACKENDS == model.attention_backends('auto'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "True", out
 
 
 def test_an_attention_kernel_missing_here_is_one_line_naming_the_flag_and_choices(
