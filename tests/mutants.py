@@ -50,7 +50,10 @@ DROPOUT = f"{GUARDS}::test_caption_dropout_drops_as_often_as_configured_and_keep
 RNG = f"{GUARDS}::test_a_resume_with_lora_dropout_is_exact_and_depends_on_the_restored_rng"
 WARMUP = f"{GUARDS}::test_warmup_starts_at_lr_over_warmup_steps_and_reaches_lr_on_its_last_step"
 LR = f"{GUARDS}::test_lr_factor_warmup_and_decay_end_values"
-OFFLOAD = "tests/test_quant.py::test_offloaded_blocks_give_bit_identical_losses_and_lora_gradients"
+PREFETCH = (
+    "tests/test_offload.py::"
+    "test_training_prefetches_the_next_block_forward_and_the_previous_one_backward"
+)
 
 
 @dataclass
@@ -66,8 +69,8 @@ MUTANTS = [
     # noising, target, loss (train.flow_loss)
     Mutant(
         "train.py",
-        "M.pack((1 - s) * x0 + s * noise)",
-        "M.pack(s * x0 + (1 - s) * noise)",
+        "noisy = (1 - s) * x0 + s * noise",
+        "noisy = s * x0 + (1 - s) * noise",
         (FLOW,),
         "noising mixes s x0 + (1 - s) eps",
     ),
@@ -101,7 +104,7 @@ MUTANTS = [
     ),
     Mutant(
         "train.py",
-        "sigma.to(dtype), ids,",
+        "sigma.to(dtype), img_ids, txt_ids)",
         "(sigma * 1000).to(dtype), ids,",
         (FLOW,),
         "timestep given as σ·1000 (scaled twice)",
@@ -115,30 +118,30 @@ MUTANTS = [
     ),
     # packing, modality ids, position offsets
     Mutant(
-        "train.py",
-        "M.image_ids(h // 2, w // 2, text.shape[1], 2, x0.device)",
-        "M.image_ids(h // 2, w // 2, text.shape[1], 1, x0.device)",
+        "model.py",
+        "ids.append(image_ids(h // 2, w // 2, text_len, 2 + k, device))",
+        "ids.append(image_ids(h // 2, w // 2, text_len, 1 + k, device))",
         (FLOW,),
         "reference modality id 1 instead of 2",
     ),
     Mutant(
-        "train.py",
-        "M.image_ids(h // 2, w // 2, text.shape[1], 1, x0.device)",
-        "M.image_ids(h // 2, w // 2, text.shape[1], 0, x0.device)",
+        "model.py",
+        "ids = [image_ids(h // 2, w // 2, text_len, 1, device)]",
+        "ids = [image_ids(h // 2, w // 2, text_len, 0, device)]",
         (FLOW,),
         "target modality id 0 instead of 1",
     ),
     Mutant(
-        "train.py",
-        "M.image_ids(h // 2, w // 2, text.shape[1], 2, x0.device)",
-        "M.image_ids(h // 2, w // 2, text.shape[1] + h // 2, 2, x0.device)",
+        "model.py",
+        "ids.append(image_ids(h // 2, w // 2, text_len, 2 + k, device))",
+        "ids.append(image_ids(h // 2, w // 2, text_len + h // 2, 2 + k, device))",
         (FLOW,),
         "reference grid starts after the target's rows instead of at (L, L)",
     ),
     Mutant(
-        "train.py",
-        "tokens = torch.cat([tokens, M.pack(reference)], dim=1)",
-        "tokens = torch.cat([M.pack(reference), tokens], dim=1)",
+        "model.py",
+        "tokens.append(pack(ref.to(noisy.dtype)))",
+        "tokens.insert(0, pack(ref.to(noisy.dtype)))",
         (FLOW,),
         "reference tokens placed before the target tokens",
     ),
@@ -237,7 +240,7 @@ MUTANTS = [
     ),
     Mutant(
         "train.py",
-        'batch["text_empty"][rows], batch["text"][rows])',
+        'batch["text_empty"][rows], batch["text"][rows]',
         'batch["text"][rows], batch["text_empty"][rows])',
         (DROPOUT,),
         "dropout keeps the dropped caption",
@@ -252,15 +255,15 @@ MUTANTS = [
     # checkpoints: checksum, rotation
     Mutant(
         "train.py",
-        ' or file_digest(path / name) != f["sha256"]',
+        'if size_differs or files.file_digest(path / name) != f["sha256"]:',
         "",
         (DAMAGED, SKIPPED),
         "checkpoint checks size only",
     ),
     Mutant(
         "train.py",
-        "for old in done[: max(0, len(done) - cfg.checkpoints_total_limit)]",
-        "for old in done[cfg.checkpoints_total_limit :]",
+        "for old in ours[: max(0, len(ours) - limit)]:",
+        "for old in ours[limit:]:",
         (ROTATION,),
         "rotation removes the newest",
     ),
@@ -282,15 +285,15 @@ MUTANTS = [
     # RNG state
     Mutant(
         "train.py",
-        'torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])',
-        'load_file(str(path / "rng.safetensors"))["torch"]',
+        'torch.set_rng_state(states["torch"])',
+        'states["torch"]',
         (RNG,),
         "resume does not restore the RNG",
     ),
     Mutant(
         "train.py",
-        'save_file({"torch": torch.get_rng_state()}',
-        'save_file({"torch": torch.Generator().get_state()}',
+        'states = {"torch": torch.get_rng_state()}',
+        'states = {"torch": torch.Generator().get_state()}',
         (RNG,),
         "checkpoint saves a fresh RNG state, not the run's",
     ),
@@ -347,8 +350,8 @@ MUTANTS = [
     ),
     Mutant(
         "lora.py",
-        "* (self.scale * self.multiplier)",
-        "* (self.scale * self.scale * self.multiplier)",
+        "b) * (self.scale * self.multiplier)",
+        "b) * (self.scale * self.scale * self.multiplier)",
         (FLOW,),
         "LoRA scale applied twice",
     ),
@@ -367,10 +370,10 @@ MUTANTS = [
         "int8 codes truncated instead of rounded",
     ),
     Mutant(
-        "quant.py",
-        "step = 1 if i >= self.last else -1",
-        "step = 1",
-        (OFFLOAD,),
+        "model.py",
+        "offload.fetch(i, ahead=i - 1)",
+        "offload.fetch(i, ahead=i + 1)",
+        (PREFETCH,),
         "offload prefetch always assumes forward",
     ),
 ]
