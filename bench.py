@@ -189,7 +189,8 @@ def edit_inputs(res: int, device, dtype=BF16) -> list[torch.Tensor]:
         torch.randn(1, L, 3584, generator=g).to(dtype),
     )
     ids = torch.cat([M.image_ids(grid, grid, L, 1), M.image_ids(grid, grid, L, 2)])
-    sigma, target = torch.tensor([0.7], dtype=dtype), torch.randn(1, n // 2, 64, generator=g)
+    sigma = torch.tensor([0.7], dtype=dtype)
+    target = torch.randn(1, n // 2, 64, generator=g)
     return [t.to(device) for t in (img, txt, sigma, ids, M.text_ids(L), target)]
 
 
@@ -410,7 +411,8 @@ def train(model: torch.nn.Module, inputs: list, keep_attention: bool, size: dict
     """Checkpointed LoRA training from the same start each time (set_lora, a fresh AdamW):
     {first_loss, step_s, peak_gb}. minicat in bf16 without autocast; diffusers under bf16 autocast,
     cuDNN SDPA off."""
-    theirs, target = not isinstance(model, M.LongCatTransformer), inputs[-1]
+    theirs = not isinstance(model, M.LongCatTransformer)
+    target = inputs[-1]
     if theirs:
         model.enable_gradient_checkpointing()
     else:
@@ -452,7 +454,8 @@ def run_setup(setup: Setup, size: dict, args, rel: dict, preds: dict) -> None:
     if args.compile:
         model.compile_repeated_blocks() if setup.diffusers else model.compile_blocks()
     for res in size["res"]:
-        result, inputs = rel["res"][str(res)], edit_inputs(res, device)
+        result = rel["res"][str(res)]
+        inputs = edit_inputs(res, device)
         result["infer"][setup.key], preds[res][setup.key] = infer(model, inputs, size, device)
         ref = result["train"]["diffusers_bf16"]
         for key, keep in setup.variants():
@@ -500,7 +503,8 @@ def derive(rel: dict, size: dict, preds: dict) -> None:
             cfg.num_attention_heads * cfg.attention_head_dim,
             cfg.num_layers + cfg.num_single_layers,
         )
-        linear, attention = 2 * 12 * d**2 * S * blocks / 1e12, 4 * S**2 * d * blocks / 1e12
+        linear = 2 * 12 * d**2 * S * blocks / 1e12
+        attention = 4 * S**2 * d * blocks / 1e12
         # a training step: forward + input gradients of the linears, attention forward (1) +
         # backward (2.5)
         flops = r["model_tflop"] = {
@@ -587,7 +591,9 @@ def print_header(rel: dict, cuda: bool) -> None:
 
 def print_tables(rel: dict, res: int) -> None:
     """The training and the inference table at one edit size."""
-    r, train_rows, infer_rows = rel["res"][str(res)], {}, {}
+    r = rel["res"][str(res)]
+    train_rows = {}
+    infer_rows = {}
     blocks = rel["model"]["num_layers"] + rel["model"]["num_single_layers"]
     for setup in SETUPS:
         label = setup.label + (f" {rel['offload_blocks']}/{blocks}" if setup.offload else "")
@@ -627,7 +633,8 @@ def block_peaks(res: int, mode: str) -> dict:
         )
         img, txt, x = (torch.randn(1, s, D, dtype=BF16, requires_grad=True) for s in (n, L, n + L))
         g_img, g_txt, g_x = (torch.randn(1, s, D, dtype=BF16) for s in (n, L, n + L))
-        joint, single = m.transformer_blocks[0], m.single_transformer_blocks[0]
+        joint = m.transformer_blocks[0]
+        single = m.single_transformer_blocks[0]
 
         def final() -> None:
             # the target tokens [1, N/2, D] -> [1, N/2, 64]; norm_out's chunks are (scale, shift)
@@ -697,7 +704,8 @@ def validate_plan(out: dict) -> None:
     # exact text encoder bytes, from the real module tree
     with torch.device("meta"):
         config = Qwen2_5_VLConfig(text_config=QWEN_7B, vision_config=QWEN_7B_VISION)
-        te, vae_w = Qwen2_5_VLForConditionalGeneration(config), quant.weight_bytes(M.VAE().to(BF16))
+        te = Qwen2_5_VLForConditionalGeneration(config)
+        vae_w = quant.weight_bytes(M.VAE().to(BF16))
     total = sum(p.numel() for p in te.parameters())
     assert total == 8_292_166_656, f"Qwen2.5-VL-7B has 8,292,166,656 parameters, not {total:,}"
     # validate.load_text_encoder keeps the backbone: lm_head is never used

@@ -799,6 +799,8 @@ def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, li
     dtype = config.model_dtype(device, cfg.mixed_precision)
     key = "attention_backend ="
     config.check_attention(cfg.attention_backend, device, dtype, head_dim, True, key)
+    if cfg.attention_backend == "cudnn":
+        print(f"warning: attention_backend = 'cudnn': {config.CUDNN_NOTE}")
     return ckpt, datasets, samples, notes, validation_set(cfg, cfg_dir, samples, flavour)
 
 

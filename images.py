@@ -109,7 +109,8 @@ def font(size: int = 14):
 
 
 def wrap(draw, text: str, width: float, face) -> list[str]:
-    lines, line = [], ""
+    lines = []
+    line = ""
     for word in text.split():
         if line and draw.textlength(f"{line} {word}", font=face) > width:
             lines.append(line)
@@ -122,14 +123,16 @@ def wrap(draw, text: str, width: float, face) -> list[str]:
 def validation_grid(rows: list[tuple[str, list[tuple[str, object]]]]):
     """One row per validation prompt: its caption (prompt, step, seed, guidance) above, then
     labelled images (reference | previews | result), each at the result's size."""
-    face, small = font(15), font(12)
+    face = font(15)
+    small = font(12)
     w, h = max((row[-1][1].size for _, row in rows), key=lambda s: s[0] * s[1])
     cols = max(len(row) for _, row in rows)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     texts = [wrap(probe, caption, cols * w - 12, face) for caption, _ in rows]
     heights = [20 * len(t) + 10 + 16 + h for t in texts]
     grid = Image.new("RGB", (cols * w, sum(heights)), "white")
-    draw, y = ImageDraw.Draw(grid), 0
+    draw = ImageDraw.Draw(grid)
+    y = 0
     for (_, row), lines, height in zip(rows, texts, heights, strict=True):
         for i, line in enumerate(lines):
             draw.text((6, y + 5 + 20 * i), line, fill="black", font=face)
@@ -160,7 +163,11 @@ def plot_losses(rows: list[dict], png: Path) -> None:
     if len(rows) < 2:
         return
     W, H = 900, 440  # the picture
-    left, right, top, bottom = 74, 78, 44, 46  # margins around the plot area
+    # margins around the plot area
+    left = 74
+    right = 78
+    top = 44
+    bottom = 46
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
     lrs = [r["lr"] for r in rows]

@@ -143,7 +143,8 @@ def save_component(folder: Path, state: dict, config: dict, shards: int = 1) -> 
         return save_file(
             state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"}
         )
-    names, weight_map = list(state), {}
+    names = list(state)
+    weight_map = {}
     for i in range(shards):
         file = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {k: state[k] for k in names[i::shards]}
@@ -178,7 +179,8 @@ def write(folder: str | Path, flavour: str = "edit", seed: int = 0) -> Path:
             **text,
         )
         Qwen2_5_VLForConditionalGeneration(qwen).save_pretrained(folder / "text_encoder")
-        transformer, vae = M.LongCatTransformer(TRANSFORMER), M.VAE(VAE)
+        transformer = M.LongCatTransformer(TRANSFORMER)
+        vae = M.VAE(VAE)
     for sub in ("tokenizer", "text_processor"):
         tok.save_pretrained(folder / sub)
         (folder / sub / "preprocessor_config.json").write_text(

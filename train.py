@@ -421,7 +421,8 @@ def start_over(out: Path, run: dict, cfg: config.Config) -> None:
     if not diff:
         return
     if not cfg.overwrite_output_dir:
-        was, now = old.get(diff[0]), run.get(diff[0])
+        was = old.get(diff[0])
+        now = run.get(diff[0])
         raise ValueError(
             f"output_dir {out} holds another run ({diff[0]}: {was!r} there, {now!r} now): choose "
             "another output_dir, or set overwrite_output_dir = true to start over (the old run's "

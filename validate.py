@@ -235,6 +235,8 @@ def prepare(args: argparse.Namespace) -> dict:
         )
     head_dim = transformer_config.attention_head_dim
     config.check_attention(args.attention, device, dtype, head_dim, grad=False, key="--attention")
+    if args.attention == "cudnn":
+        print(f"warning: --attention cudnn: {config.CUDNN_NOTE}", file=sys.stderr)
     refs = [images.load_rgb(Path(r), key="--ref") for r in args.ref]
     out = None
     if not args.serve:
