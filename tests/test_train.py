@@ -625,3 +625,28 @@ def test_the_shipped_configs_are_valid():
     )
     assert real.text_encoder_precision == "int8" and real.attention_backend == "auto"
     assert config.load_config(EXAMPLES / "tiny.toml", []).pretrained_model_name_or_path == "tiny"
+
+
+def test_gradients_are_averaged_in_one_call_and_a_missing_gradient_counts_as_zero(monkeypatch):
+    """average_over_ranks: one all_reduce of one flat buffer per step (it was one call per LoRA
+    tensor), and a tensor with no gradient on this rank is zeros, not a crash."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def all_reduce(t):  # a second rank holding the same gradients, and a loss of 3.0
+        calls.append(t.numel())
+        other = t.clone()
+        other[-1] = 3.0
+        t.add_(other)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    a = torch.nn.Parameter(torch.zeros(2, 3))
+    b = torch.nn.Parameter(torch.zeros(4))
+    a.grad = torch.arange(6.0).view(2, 3)
+    loss = train.average_over_ranks([a, b], 1.0, "cpu")
+    assert calls == [6 + 4 + 1]
+    assert torch.equal(a.grad, torch.arange(6.0).view(2, 3))  # (g + g) / 2
+    assert torch.equal(b.grad, torch.zeros(4))
+    assert loss == (1.0 + 3.0) / 2
