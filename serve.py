@@ -265,6 +265,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.flavour == "edit" and not raw:
             # also a must: load_rgb reads `path` from disk when data is empty
             raise HTTPError(400, "image: required (the image to edit)")
+        warnings = []  # what the pipeline warns about, for the page and the reply's headers
         if not self.server.lock.acquire(blocking=False):
             raise HTTPError(429, "busy with another edit; try again when it is done")
         try:
@@ -276,7 +277,6 @@ class Handler(BaseHTTPRequestHandler):
             except images.ImageError as e:
                 raise HTTPError(400, one_line(e)) from None
             self.server.progress = {"busy": True, "step": 0, "steps": s.steps, "preview": None}
-            warnings = []
             try:
                 image, _ = self.server.render(
                     prompt,

@@ -130,7 +130,7 @@ def test_a_same_size_corruption_of_the_newest_checkpoint_resumes_from_the_one_be
     damaged = lora_file(checkpoints / "step-000004", "lora.safetensors")
     train_cli(cfg, max_train_steps=6)
     assert max_diff(lora_file(checkpoints / "step-000004", "lora.safetensors"), good) == 0
-    aside = [p for p in checkpoints.iterdir() if p.name.startswith("step-000004.")]
+    aside = list((folder / "out").glob("superseded-*/checkpoints/step-000004"))
     assert len(aside) == 1 and max_diff(lora_file(aside[0], "lora.safetensors"), damaged) == 0
     assert [r["step"] for r in log_rows(folder / "out")] == [1, 2, 3, 4, 5, 6]
 

@@ -84,7 +84,7 @@ def png(size=(64, 48), colour=(200, 40, 40)) -> bytes:
     return buf.getvalue()
 
 
-def fake_render(prompt, ref, s, on_step=None, progress=True):
+def fake_render(prompt, ref, s, on_step=None, progress=True, on_warning=None):
     """Stands in for the pipeline where only the HTTP side is under test."""
     return Image.new("RGB", s.size or (32, 32), (0, 128, 255)), []
 
@@ -225,7 +225,7 @@ def test_a_missing_field_is_a_400(server, missing):
 def test_a_second_request_while_one_runs_is_a_429():
     started, release = threading.Event(), threading.Event()
 
-    def slow_render(prompt, ref, s, on_step=None, progress=True):
+    def slow_render(prompt, ref, s, on_step=None, progress=True, on_warning=None):
         started.set()
         assert release.wait(30)
         return fake_render(prompt, ref, s)
@@ -249,7 +249,7 @@ def test_progress_counts_the_steps_and_shows_previews(models):
     seen = []
     render = functools.partial(pipeline.render, models)
 
-    def spying_render(prompt, ref, s, on_step=None, progress=True):
+    def spying_render(prompt, ref, s, on_step=None, progress=True, on_warning=None):
         def spy(step, steps, preview):
             on_step(step, steps, preview)
             seen.append(get_progress(server))
@@ -276,7 +276,7 @@ OOM = "out of GPU memory while sampling 64x48; lower it with --quant int8"
 
 
 def test_a_failed_generation_is_one_line_and_the_server_carries_on(capfd):
-    def failing_render(prompt, ref, s, on_step=None, progress=True):
+    def failing_render(prompt, ref, s, on_step=None, progress=True, on_warning=None):
         if prompt == "bug":
             raise RuntimeError("something deep\nbroke")
         raise pipeline.OutOfMemory(OOM)
