@@ -58,6 +58,7 @@ ATTENTION = {
 ADAMW = ("adamw", "adamw_torch", "adamw_bf16", "adamw_schedulefree")
 NO_UPLOAD = "minicat uploads nothing; share output_dir/pytorch_lora_weights.safetensors yourself"
 NO_TRACKER = "minicat logs to output_dir/loss.jsonl and loss.png, no tracker"
+MEMORY = "memory only: the trained adapter is the same"
 ONE_ORDER = "minicat samples every dataset by its size, in seeded random order"
 
 # Top-level keys minicat has no key for: (values that are what minicat does anyway, or None;
@@ -119,6 +120,40 @@ KEYS = {
     "delete_problematic_images": ((False,), "warn", "minicat never changes the dataset folders"),
     "delete_unwanted_images": ((False,), "warn", "minicat never changes the dataset folders"),
     "compress_disk_cache": (None, "warn", "minicat's caches are uncompressed safetensors"),
+    "loss_type": (("l2", "mse"), "stop", "minicat's loss is the MSE (the official recipe)"),
+    "pretrained_vae_model_name_or_path": (None, "stop", "minicat uses the checkpoint's VAE"),
+    "tread_config": (None, "stop", "minicat routes every token through every block"),
+    "distillation_method": (None, "stop", "minicat trains with the flow-matching loss only"),
+    "distillation_config": (None, "stop", "minicat trains with the flow-matching loss only"),
+    "controlnet": ((False,), "stop", "minicat trains a LoRA or LoKr, no ControlNet"),
+    "vae_enable_tiling": (None, "warn", MEMORY),
+    "vae_enable_slicing": (None, "warn", MEMORY),
+    "vae_enable_patch_conv": (None, "warn", MEMORY),
+    "musubi_blocks_to_swap": (None, "warn", f"{MEMORY}; minicat's is offload_blocks = N"),
+    "ramtorch": ((False,), "warn", f"{MEMORY}; minicat's is offload_blocks = N"),
+    "offload_during_startup": (None, "warn", MEMORY),
+    "gradient_checkpointing_backend": (("torch",), "warn", MEMORY),
+    "gradient_checkpointing_segment_stride": (None, "warn", MEMORY),
+    "fuse_qkv_projections": ((False,), "warn", "speed only; minicat keeps q, k, v apart"),
+    "dynamo_backend": (("no",), "warn", "speed only; compile = true compiles each block"),
+    "dynamo_mode": (None, "warn", "speed only; compile = true compiles each block"),
+    "dynamo_use_regional_compilation": (None, "warn", "speed only; see compile"),
+    "num_processes": ((1,), "warn", "run torchrun --nproc_per_node=N train.py ..."),
+    "context_parallel_size": ((1,), "warn", "minicat runs data parallel only (torchrun)"),
+    "text_encoder_batch_size": (None, "warn", "the caching pass encodes one text at a time"),
+    "text_cache_disable": ((False,), "warn", "minicat caches every text embedding first"),
+    "text_cache_ondemand": ((False,), "warn", "minicat caches every text embedding first"),
+    "vae_cache_ondemand": ((False,), "warn", "minicat caches every latent first"),
+    "skip_file_discovery": (None, "warn", "minicat checks every file before training"),
+    "allow_dataset_oversubscription": (None, "warn", "minicat does not pad repeats"),
+    "strict_epoch_limit": (None, "warn", "minicat stops at max_train_steps or num_train_epochs"),
+    "eval_steps_interval": (None, "warn", "minicat runs no evaluation set, validation images only"),
+    "validation_lycoris_strength": ((1,), "warn", "validation applies the adapter at 1.0"),
+    "validation_guidance_real": ((1,), "warn", "minicat's validation has no real-CFG pass"),
+    "user_prompt_library": (None, "warn", "validation uses validation_prompt only"),
+    "ema_update_interval": (None, "warn", "minicat keeps no EMA"),
+    "ema_validation": (None, "warn", "minicat keeps no EMA"),
+    "trust_remote_code": (None, "warn", "minicat runs no code from the hub"),
 }
 # Keys minicat reads itself (not Config fields): config.py handles them.
 READ_HERE = ("data_backend_config", "attention_mechanism", "resolution", "resolution_type")
@@ -153,6 +188,10 @@ DATASET_KEYS = {
         "reference folder named in conditioning_data",
     ),
     "is_regularisation_data": ((False,), "stop", "minicat has no regularisation data"),
+    "caption_column": (None, "stop", "a Hugging Face dataset's column: minicat reads folders"),
+    "image_column": (None, "stop", "a Hugging Face dataset's column: minicat reads folders"),
+    "video": (None, "stop", "minicat trains images"),
+    "audio": (None, "stop", "minicat trains images"),
     "caption_filter_list": (None, "stop", "captions are used as written"),
     "image_embeds": (None, "warn", "latents are cached in the dataset's cache_dir_vae"),
     "text_embeds": (None, "used", ""),  # the text_embeds entry named: its cache_dir

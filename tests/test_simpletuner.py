@@ -179,3 +179,25 @@ def test_quickstart_edit_trains_on_the_tiny_model(tmp_path):
         validation_steps=0,
     )
     assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists(), proc.stdout
+
+
+def test_simpletuners_own_files_name_no_unknown_key(capsys):
+    """Every key of SimpleTuner's LongCat examples and config.json.example gets a reason, not
+    'unknown key'. Catches a SimpleTuner key left out of simpletuner.KEYS or DATASET_KEYS."""
+    for name in ("longcat-edit-lokr", "longcat-image-lora", "example"):
+        with pytest.raises(ValueError) as e:
+            load(DATA / name / "config.json")
+        report = str(e.value) + capsys.readouterr().err
+        assert "unknown" not in report.replace("unknown placeholder", ""), report
+
+
+def test_the_t2i_example_stops_for_its_dataset_only(capsys):
+    """LongCat-Image's LoRA example: its only stops are its dataset's (Hugging Face, resolution
+    'pixel'); attention_mechanism native-flash is mapped, not reported. Catches a used key
+    refused."""
+    with pytest.raises(ValueError) as e:
+        load(DATA / "longcat-image-lora" / "config.json")
+    err = str(e.value).splitlines()
+    assert all("dataset 'dreambooth-512'" in line for line in err), err
+    assert len(err) == 3, err
+    assert "attention_mechanism" not in capsys.readouterr().err
