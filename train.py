@@ -84,7 +84,8 @@ def flow_loss(transformer, x0, reference, text, sigma, noise) -> torch.Tensor:
     noisy = (1 - s) * x0 + s * noise
     references = [] if reference is None else [reference]
     tokens, img_ids, txt_ids = M.image_sequence(noisy, references, text.shape[1])
-    dtype = transformer.x_embedder.weight.dtype
+    # an adapter may wrap x_embedder (LyCORIS's whole-model preset): the base layer's dtype
+    dtype = getattr(transformer.x_embedder, "base", transformer.x_embedder).weight.dtype
     pred = transformer(tokens.to(dtype), text.to(dtype), sigma.to(dtype), img_ids, txt_ids)
     target = M.pack(noise - x0)  # (B, N, 64)
     return F.mse_loss(pred[:, : target.shape[1]].float(), target.float())
@@ -368,7 +369,7 @@ def run_identity(cfg: config.Config, ckpt: Path, world: int) -> dict:
         "world_size": world,
     }
     if cfg.lora_type == "lycoris":  # its settings, not where the file lies
-        run["lycoris"] = dataclasses.asdict(lokr_settings(cfg))
+        run["lycoris"] = json.loads(json.dumps(dataclasses.asdict(lokr_settings(cfg))))
     return run | {"datasets": json.loads(json.dumps(sets, default=str))}
 
 

@@ -201,3 +201,22 @@ def test_the_t2i_example_stops_for_its_dataset_only(capsys):
     assert all("dataset 'dreambooth-512'" in line for line in err), err
     assert len(err) == 3, err
     assert "attention_mechanism" not in capsys.readouterr().err
+
+
+def test_the_lokr_example_trains_validates_and_is_never_resumed_as_a_lora(tmp_path):
+    """The LoKr example's lycoris_config (every Linear, x_embedder included) on the tiny model:
+    a step, a validation grid, then the same output_dir as a plain LoRA is refused naming
+    lora_type. Catches the run identity missing the adapter type, or the model's dtype read off a
+    wrapped x_embedder (which has no weight of its own)."""
+    for f in (DATA / "quickstart-edit").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    backend = tmp_path / "multidatabackend.json"
+    text = backend.read_text().replace("../../../../examples", str(ROOT / "examples"))
+    backend.write_text(text.replace('"resolution": 768', '"resolution": 128'))
+    lycoris = DATA / "longcat-edit-lokr" / "lycoris_config.json"
+    keys = dict(pretrained_model_name_or_path="tiny", max_train_steps=1, validation_steps=1)
+    keys |= dict(validation_num_inference_steps=2, validation_resolution="64x64")
+    train_cli(tmp_path / "config.json", lora_type="lycoris", lycoris_config=lycoris, **keys)
+    assert list((tmp_path / "output" / "validation").iterdir())
+    proc = train_cli(tmp_path / "config.json", check=False, **keys)
+    assert proc.returncode != 0 and "lora_type: 'lycoris' there, 'standard' now" in proc.stderr
