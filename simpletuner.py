@@ -155,6 +155,8 @@ KEYS = {
     "ema_validation": (None, "warn", "minicat keeps no EMA"),
     "trust_remote_code": (None, "warn", "minicat runs no code from the hub"),
 }
+# Top-level keys naming files and folders: a placeholder SimpleTuner leaves as it is is refused.
+PATH_KEYS = ("output_dir", "data_backend_config", "lycoris_config", "resume_from_checkpoint")
 # Keys minicat reads itself (not Config fields): config.py handles them.
 READ_HERE = ("data_backend_config", "attention_mechanism", "resolution", "resolution_type")
 
@@ -254,9 +256,9 @@ def _fate(table: dict, key: str, value) -> tuple[str, str]:
     return kind, why
 
 
-def expand(value, variables: dict, where: str, problems: list[str]):
+def expand(value, variables: dict | None, where: str, problems: list[str]):
     """Placeholders expanded in every string of value (nested lists and dicts too); an unknown one
-    is a problem naming it."""
+    is a problem naming it. variables None: {env:NAME} only, other braces kept (a prompt's)."""
     if isinstance(value, list):
         return [expand(v, variables, where, problems) for v in value]
     if isinstance(value, dict):
@@ -268,6 +270,8 @@ def expand(value, variables: dict, where: str, problems: list[str]):
         name = match.group(1)
         if name.startswith("env:"):
             return os.environ.get(name[4:], "")
+        if variables is None:
+            return match.group(0)
         if name in variables:
             return str(variables[name])
         known = ", ".join("{" + k + "}" for k in [*variables, "env:NAME"])
@@ -299,7 +303,8 @@ def translate(raw: dict, path: Path, fields: set[str]) -> tuple[dict, list[str],
         name = key.lstrip("-") if isinstance(key, str) else key
         if value is None:  # null: unset, as SimpleTuner reads it
             continue
-        value = expand(value, {}, name, problems)
+        # SimpleTuner expands {env:NAME} here; in a path any other {name} would become a folder
+        value = expand(value, {} if name in PATH_KEYS else None, name, problems)
         name = RENAMED.get(name, name)
         if name in seen:
             if plain(values.get(name, value)) != plain(value):

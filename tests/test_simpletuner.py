@@ -220,3 +220,19 @@ def test_the_lokr_example_trains_validates_and_is_never_resumed_as_a_lora(tmp_pa
     assert list((tmp_path / "output" / "validation").iterdir())
     proc = train_cli(tmp_path / "config.json", check=False, **keys)
     assert proc.returncode != 0 and "lora_type: 'lycoris' there, 'standard' now" in proc.stderr
+
+
+def test_braces_in_a_prompt_stay_and_in_a_path_are_named(tmp_path, monkeypatch):
+    """{env:NAME} is expanded everywhere; other braces stay in a prompt (SimpleTuner keeps them)
+    but stop the run in output_dir (a folder literally named so). Catches either rule reversed."""
+    monkeypatch.setenv("MINICAT_TEST_OUT", str(tmp_path / "o"))
+    path = tmp_path / "config.json"
+    keys = {"validation_prompt": "a {cat}", "output_dir": "{env:MINICAT_TEST_OUT}", "datasets": []}
+    path.write_text(json.dumps(keys))
+    cfg = load(path)
+    assert (cfg.validation_prompt, cfg.output_dir) == (["a {cat}"], str(tmp_path / "o"))
+    path.write_text(json.dumps(keys | {"output_dir": "out/{model_family}"}))
+    with pytest.raises(
+        ValueError, match=r"output_dir = 'out/\{model_family\}': unknown placeholder"
+    ):
+        load(path)
