@@ -353,7 +353,10 @@ def as_list(v) -> list[str]:
 def check_type(key: str, value, where: str):
     """The value, checked against the field's type (an int is a fine float); raises naming the key."""
     if key not in FIELDS:
-        close = difflib.get_close_matches(key, FIELDS, n=1)
+        # minicat's keys and the SimpleTuner names it knows: a typo of either finds its key
+        close = difflib.get_close_matches(
+            key, [*FIELDS, *simpletuner.RENAMED, *simpletuner.KEYS], n=1
+        )
         raise ValueError(
             f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
         )

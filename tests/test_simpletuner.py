@@ -236,3 +236,22 @@ def test_braces_in_a_prompt_stay_and_in_a_path_are_named(tmp_path, monkeypatch):
         ValueError, match=r"output_dir = 'out/\{model_family\}': unknown placeholder"
     ):
         load(path)
+
+
+def test_a_toml_with_simpletuners_keys_reads_its_backend_file(tmp_path):
+    """The same keys in TOML: data_backend_config is read beside it. Catches JSON-only reading."""
+    shutil.copy(
+        DATA / "longcat-image-lora" / "multidatabackend-small-dreambooth-512px.json", tmp_path
+    )
+    path = tmp_path / "config.toml"
+    path.write_text('data_backend_config = "multidatabackend-small-dreambooth-512px.json"\n')
+    with pytest.raises(ValueError, match="dataset 'dreambooth-512': type = 'huggingface'"):
+        load(path)
+
+
+def test_a_typo_of_a_simpletuner_key_finds_it(tmp_path):
+    """Catches the suggestion looking at minicat's own keys only."""
+    path = tmp_path / "config.json"
+    path.write_text('{"checkpoint_step_intervall": 5, "datasets": []}')
+    with pytest.raises(ValueError, match="did you mean 'checkpoint_step_interval'"):
+        load(path)
