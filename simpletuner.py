@@ -154,6 +154,23 @@ KEYS = {
     "ema_update_interval": (None, "warn", "minicat keeps no EMA"),
     "ema_validation": (None, "warn", "minicat keeps no EMA"),
     "trust_remote_code": (None, "warn", "minicat runs no code from the hub"),
+    "checkpoint_epoch_interval": (None, "warn", "minicat checkpoints every checkpointing_steps"),
+    "validation_epoch_interval": (None, "warn", "minicat validates every validation_steps"),
+    "lora_init_type": (("default",), "stop", "minicat initialises as peft: B = 0, A uniform"),
+    "use_dora": ((False,), "stop", "minicat trains plain LoRA or LoKr, not DoRA"),
+    "snr_gamma": ((0,), "stop", "minicat weights every timestep alike (the official recipe)"),
+    "pretrained_transformer_model_name_or_path": (None, "stop", "minicat loads one checkpoint"),
+    "num_validation_images": ((1,), "warn", "minicat draws one image per validation prompt"),
+    "validation_noise_scheduler": (None, "warn", "validation samples as the diffusers pipeline"),
+    "base_model_default_dtype": (None, "warn", "minicat picks bf16 on GPUs, fp32 on the CPU"),
+    "vae_dtype": (None, "warn", "minicat picks bf16 on GPUs, fp32 on the CPU"),
+    "dataloader_prefetch": (None, "warn", "speed only"),
+    "max_workers": (None, "warn", "speed only"),
+    "read_batch_size": (None, "warn", "speed only"),
+    "write_batch_size": (None, "warn", "speed only"),
+    "image_processing_batch_size": (None, "warn", "speed only"),
+    "torch_num_threads": (None, "warn", "speed only"),
+    "metadata_update_interval": (None, "warn", "minicat keeps no metadata cache"),
 }
 # Top-level keys naming files and folders: a placeholder SimpleTuner leaves as it is is refused.
 PATH_KEYS = ("output_dir", "data_backend_config", "lycoris_config", "resume_from_checkpoint")
