@@ -55,7 +55,7 @@ ATTENTION = {
     "native-math": "math",
 }
 # SimpleTuner's AdamW names: the same algorithm as minicat's torch AdamW.
-ADAMW = ("adamw", "adamw_torch", "adamw_bf16", "adamw_schedulefree")
+ADAMW = ("adamw", "adamw_torch", "adamw_bf16")  # not adamw_schedulefree: another algorithm
 NO_UPLOAD = "minicat uploads nothing; share output_dir/pytorch_lora_weights.safetensors yourself"
 NO_TRACKER = "minicat logs to output_dir/loss.jsonl and loss.png, no tracker"
 MEMORY = "memory only: the trained adapter is the same"
@@ -171,6 +171,7 @@ KEYS = {
     "image_processing_batch_size": (None, "warn", "speed only"),
     "torch_num_threads": (None, "warn", "speed only"),
     "metadata_update_interval": (None, "warn", "minicat keeps no metadata cache"),
+    "repeats": (None, "warn", "a dataset's key (SimpleTuner ignores it here too): set it there"),
 }
 # Top-level keys naming files and folders: a placeholder SimpleTuner leaves as it is is refused.
 PATH_KEYS = ("output_dir", "data_backend_config", "lycoris_config", "resume_from_checkpoint")
@@ -347,7 +348,12 @@ def translate(raw: dict, path: Path, fields: set[str]) -> tuple[dict, list[str],
     if (mechanism := values.pop("attention_mechanism", None)) is not None:
         if mechanism in ATTENTION and "attention_backend" not in values:
             values["attention_backend"] = ATTENTION[mechanism]
-        elif mechanism not in ATTENTION:
+        elif mechanism in ATTENTION:
+            warnings.append(
+                f"{path}: attention_mechanism = {mechanism!r} is not used: attention_backend = "
+                f"{values['attention_backend']!r} is set too and wins"
+            )
+        else:
             warnings.append(
                 f"{path}: attention_mechanism = {mechanism!r} is ignored: minicat has torch's "
                 "kernels only (attention_backend = auto picks one; the same result to rounding)"
@@ -362,9 +368,12 @@ def translate(raw: dict, path: Path, fields: set[str]) -> tuple[dict, list[str],
         if "datasets" in values:
             problems.append(f"{path}: data_backend_config and [[datasets]] both name datasets")
         else:
-            found = find_backend_file(str(backend), path)
-            entries = read_backends(found)
-            values["datasets"] = entries
+            try:
+                found = find_backend_file(str(backend), path)
+                values["datasets"] = read_backends(found)
+            except ValueError as e:  # reported with the other keys' problems
+                problems.append(str(e))
+                found = path
             path_of_sets = found
     else:
         path_of_sets = path
