@@ -399,6 +399,7 @@ def load_config(path: Path, overrides: list[str]) -> Config:
             values[key] = check_type(key, value, str(path))
         except ValueError as e:
             problems.append(str(e))
+            del values[key]  # the default stands in, so the checks below still run
     if "pretrained_model_name_or_path" not in values and values.get("model_flavour"):
         values["pretrained_model_name_or_path"] = FLAVOUR_MODELS.get(
             values["model_flavour"], DEFAULT_MODEL
@@ -413,12 +414,15 @@ def load_config(path: Path, overrides: list[str]) -> Config:
         )
     if values.get("lora_type") == "lycoris":
         problems += _check_lycoris(values, path, warnings)
+    cfg = Config(**values)
+    try:  # the ranges and choices too, so one run reports everything
+        cfg.check()
+    except ValueError as e:
+        problems.append(f"{path}: {e}")
     for line in warnings:  # the whole report, also when problems stop the run
         print(f"warning: {line}", file=sys.stderr)
     if problems:
         raise ValueError("\n".join(problems))
-    cfg = Config(**values)
-    cfg.check()
     return cfg
 
 

@@ -255,3 +255,17 @@ def test_a_typo_of_a_simpletuner_key_finds_it(tmp_path):
     path.write_text('{"checkpoint_step_intervall": 5, "datasets": []}')
     with pytest.raises(ValueError, match="did you mean 'checkpoint_step_interval'"):
         load(path)
+
+
+def test_type_range_and_foreign_problems_come_in_one_report(tmp_path):
+    """A wrong type, a value out of range and a refused SimpleTuner key: three lines of one error.
+    Catches a report cut short at the first problem."""
+    path = tmp_path / "config.json"
+    keys = {"seed": "x", "learning_rate": 5, "use_ema": True, "datasets": []}
+    path.write_text(json.dumps(keys))
+    with pytest.raises(ValueError) as e:
+        load(path)
+    err = str(e.value).splitlines()
+    assert len(err) == 3, err
+    for needle in ("seed should be int", "learning_rate = 5.0", "use_ema = True"):
+        assert sum(needle in line for line in err) == 1, (needle, err)
