@@ -40,6 +40,7 @@ RENAMED = {
     "validation_step_interval": "validation_steps",
     "save_total_limit": "checkpoints_total_limit",
     "text_encoder_1_precision": "text_encoder_precision",
+    "peft_lora_target_modules": "lora_targets",  # a list, or a JSON list as text or in a file
 }
 # SimpleTuner's quantization names that are minicat's modes under another name.
 PRECISIONS = {
@@ -172,6 +173,8 @@ KEYS = {
     "torch_num_threads": (None, "warn", "speed only"),
     "metadata_update_interval": (None, "warn", "minicat keeps no metadata cache"),
     "repeats": (None, "warn", "a dataset's key (SimpleTuner ignores it here too): set it there"),
+    "peft_lora_mode": (("standard",), "stop", "minicat trains standard LoRA (no SingLoRA)"),
+    "init_lora": (None, "stop", "minicat starts every adapter from B = 0"),
 }
 # Top-level keys naming files and folders: a placeholder SimpleTuner leaves as it is is refused.
 PATH_KEYS = ("output_dir", "data_backend_config", "lycoris_config", "resume_from_checkpoint")
@@ -299,6 +302,20 @@ def expand(value, variables: dict | None, where: str, problems: list[str]):
     return PLACEHOLDER.sub(one, value)
 
 
+def json_list(text: str, path: Path, key: str, problems: list[str]) -> list | str:
+    """peft_lora_target_modules as SimpleTuner takes it: a JSON list, or a JSON file holding one
+    (relative to the config)."""
+    file = path.parent / text
+    try:
+        found = json.loads(file.read_text("utf-8") if file.is_file() else text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        found = None
+    if not isinstance(found, list):
+        problems.append(f"{path}: {key} = {text!r}: a list of module names (JSON, or its file)")
+        return text
+    return found
+
+
 def find_backend_file(name: str, config_path: Path) -> Path:
     """data_backend_config's file: beside the config first, then from the working folder (where
     SimpleTuner runs), then `config/examples/X` as an example of SimpleTuner's package."""
@@ -341,6 +358,10 @@ def translate(raw: dict, path: Path, fields: set[str]) -> tuple[dict, list[str],
                 problems.append(f"{path}: {key} = {value!r} is not supported: {why}")
         else:
             values[name] = value  # config.py names it unknown, with the closest key
+    if isinstance(values.get("lora_targets"), str):  # peft_lora_target_modules' text or file
+        values["lora_targets"] = json_list(
+            values["lora_targets"], path, seen["lora_targets"], problems
+        )
     if "base_model_precision" in values:
         values["base_model_precision"] = PRECISIONS.get(
             values["base_model_precision"], values["base_model_precision"]

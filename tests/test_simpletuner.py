@@ -269,3 +269,12 @@ def test_type_range_and_foreign_problems_come_in_one_report(tmp_path):
     assert len(err) == 3, err
     for needle in ("seed should be int", "learning_rate = 5.0", "use_ema = True"):
         assert sum(needle in line for line in err) == 1, (needle, err)
+
+
+def test_peft_lora_target_modules_are_the_targets(tmp_path):
+    """SimpleTuner's override of the targets, as a JSON list written as text. Catches it dropped
+    (the preset's 12 trained instead)."""
+    path = tmp_path / "config.json"
+    keys = {"peft_lora_target_modules": '["to_q", "to_k"]', "datasets": []}
+    path.write_text(json.dumps(keys))
+    assert load(path).lora_targets == ["to_q", "to_k"]
