@@ -359,9 +359,9 @@ def translate(raw: dict, path: Path, fields: set[str]) -> tuple[dict, list[str],
         else:
             values[name] = value  # config.py names it unknown, with the closest key
     if isinstance(values.get("lora_targets"), str):  # peft_lora_target_modules' text or file
-        values["lora_targets"] = json_list(
-            values["lora_targets"], path, seen["lora_targets"], problems
-        )
+        found = json_list(values.pop("lora_targets"), path, seen["lora_targets"], problems)
+        if isinstance(found, list):  # else reported once, not again as a wrong type
+            values["lora_targets"] = found
     if "base_model_precision" in values:
         values["base_model_precision"] = PRECISIONS.get(
             values["base_model_precision"], values["base_model_precision"]
