@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import sys
 import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ import lora
 import model as M
 import pipeline
 import quant
+import simpletuner
 import tiny
 
 try:
@@ -175,16 +178,20 @@ def check_attention(
 class Config:
     """config.toml's keys (SimpleTuner's names where one exists); defaults are the official recipe's."""
 
-    pretrained_model_name_or_path: str = DEFAULT_MODEL  # folder, hub id, or "tiny" / "tiny-t2i"
+    # folder, hub id, or "tiny" / "tiny-t2i"; unset: model_flavour's checkpoint (FLAVOUR_MODELS)
+    pretrained_model_name_or_path: str = DEFAULT_MODEL
     model_flavour: str = ""  # edit | final | dev; "" = what the checkpoint is
     # no_change | int8 | fp8 | fp8-compute (int8-quanto, fp8-torchao are aliases)
     base_model_precision: str = "int8"
     text_encoder_precision: str = (
         "no_change"  # the text encoder while caching: no_change | int8 | fp8
     )
+    lora_type: str = "standard"  # standard (LoRA) | lycoris (LoKr, from lycoris_config)
+    lycoris_config: str = ""  # a LyCORIS JSON file, as SimpleTuner's; read when lora_type = lycoris
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    lora_targets: list = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
+    lora_target_preset: str = "official"  # official (12 targets) | attention (SimpleTuner's)
+    lora_targets: list = field(default_factory=list)  # module-name suffixes; [] = the preset's
     lora_dropout: float = 0.0
     output_dir: str = "output"
     overwrite_output_dir: bool = (
@@ -193,8 +200,12 @@ class Config:
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-5
-    lr_scheduler: str = "constant"  # constant | cosine | linear (after the warmup)
+    # constant | cosine | linear | polynomial (after the warmup); constant_with_warmup and
+    # cosine_with_warmup are SimpleTuner's names for constant and cosine
+    lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_end: float = 4e-7  # polynomial: the rate at max_train_steps (SimpleTuner's default)
+    lr_power: float = 0.8  # polynomial: the decay's power (SimpleTuner's default)
     max_train_steps: int = 2000
     num_train_epochs: int = 0  # > 0: stop after this many epochs if that comes first
     adam_beta1: float = 0.9
@@ -219,6 +230,8 @@ class Config:
     compile: bool = False  # torch.compile each block (two compiles: joint and single blocks)
     offload_blocks: int = 0  # stream the first N blocks' frozen weights from CPU memory
     caption_dropout_probability: float = 0.1  # the empty instruction this often, the reference kept
+    # the resolution-dependent shift of the sampler; off when the user sets flow_schedule_shift > 0
+    # without setting this key (load_config)
     flow_schedule_auto_shift: bool = True
     flow_schedule_shift: float = 0.0  # with auto shift off and > 0: a static shift s
     flow_use_uniform_schedule: bool = False
@@ -259,6 +272,14 @@ class Config:
         for name in ("seed", "steps", "guidance"):
             key = f"validation_{name}" if name != "steps" else "validation_num_inference_steps"
             pipeline.check_setting(name, getattr(self, key), key)
+        if not self.lora_targets:
+            self.lora_targets = list(LORA_PRESETS[self.lora_target_preset])
+        if self.lr_scheduler == "polynomial" and not self.lr_end < self.learning_rate:
+            raise ValueError(
+                f"lr_end = {self.lr_end}: must be below learning_rate = {self.learning_rate}"
+            )
+        if self.lora_type == "lycoris" and not self.lycoris_config:
+            raise ValueError('lora_type = "lycoris" needs lycoris_config (a JSON file path)')
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(
                 f"lora_targets = {self.lora_targets!r}: a list of module-name suffixes"
@@ -306,14 +327,32 @@ RANGES = {
     "adam_weight_decay": (0, 10, "[]"),
     "max_grad_norm": (0, 1e6, "[]"),
     "flow_schedule_shift": (0, 100, "[]"),
+    "lr_end": (0, 1, "[]"),
+    "lr_power": (0, 100, "(]"),
 }
 CHOICES = {
-    "lr_scheduler": ("constant", "cosine", "linear"),
+    "lr_scheduler": (
+        "constant",
+        "constant_with_warmup",
+        "cosine",
+        "cosine_with_warmup",
+        "linear",
+        "polynomial",
+    ),
+    "lora_type": ("standard", "lycoris"),
+    "lora_target_preset": ("official", "attention"),
     "mixed_precision": ("bf16", "no"),
     "model_flavour": ("", "edit", "final", "dev"),
     "attention_backend": tuple(M.ATTENTION_CHOICES),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# lora_target_preset: official = the official recipe's 12 targets (LongCat-Image train_examples);
+# attention = SimpleTuner's LongCat default (to_k, to_q, to_v, to_out.0, to_qkv; LongCat has no
+# fused to_qkv, so its q, k, v are the three).
+LORA_PRESETS = {
+    "official": lora.DEFAULT_TARGETS,
+    "attention": ("to_k", "to_q", "to_v", "to_out.0"),
+}
 
 
 def as_list(v) -> list[str]:
@@ -323,7 +362,10 @@ def as_list(v) -> list[str]:
 def check_type(key: str, value, where: str):
     """The value, checked against the field's type (an int is a fine float); raises naming the key."""
     if key not in FIELDS:
-        close = difflib.get_close_matches(key, FIELDS, n=1)
+        # minicat's keys and the SimpleTuner names it knows: a typo of either finds its key
+        close = difflib.get_close_matches(
+            key, [*FIELDS, *simpletuner.RENAMED, *simpletuner.KEYS], n=1
+        )
         raise ValueError(
             f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
         )
@@ -352,14 +394,84 @@ def parse_override(arg: str) -> tuple[str, object]:
 
 
 def load_config(path: Path, overrides: list[str]) -> Config:
-    """config.toml, then --key=value overrides, every key and value checked."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    values = {k: check_type(k, v, str(path)) for k, v in raw.items()}
-    for k, v in map(parse_override, overrides):
-        values[k] = check_type(k, v, "command line")
+    """config.toml or SimpleTuner's config.json (simpletuner.py reads its spellings and its
+    multidatabackend file), then --key=value overrides. Every key's fate is settled before any
+    work: the problems of all keys raise together; keys ignored with a warning are printed."""
+    raw = simpletuner.read_file(path)
+    for key, value in map(parse_override, overrides):  # an override replaces either spelling
+        raw = {k: v for k, v in raw.items() if _name(k) != _name(key)} | {key: value}
+    values, warnings, problems = simpletuner.translate(raw, path, set(FIELDS))
+    for key, value in list(values.items()):
+        if key in FIELDS and FIELDS[key].type in ("bool", "int", "float"):
+            value = simpletuner.plain(value)  # "true", "20", "1e-4" as SimpleTuner reads them
+        try:
+            values[key] = check_type(key, value, str(path))
+        except ValueError as e:
+            problems.append(str(e))
+            del values[key]  # the default stands in, so the checks below still run
+    if "pretrained_model_name_or_path" not in values and values.get("model_flavour"):
+        values["pretrained_model_name_or_path"] = FLAVOUR_MODELS.get(
+            values["model_flavour"], DEFAULT_MODEL
+        )
+    shift = values.get("flow_schedule_shift", 0)
+    if shift and "flow_schedule_auto_shift" not in values:
+        values["flow_schedule_auto_shift"] = False  # the shift the user set is the one used
+    elif shift and values["flow_schedule_auto_shift"]:
+        warnings.append(
+            f"{path}: flow_schedule_shift = {shift} is not used: flow_schedule_auto_shift = true "
+            "wins (the shift follows each image's size); set it false for a static shift"
+        )
+    if values.get("lora_type") == "lycoris":
+        problems += _check_lycoris(values, path, warnings)
     cfg = Config(**values)
-    cfg.check()
+    try:  # the ranges and choices too, so one run reports everything
+        cfg.check()
+    except ValueError as e:
+        problems.append(f"{path}: {e}")
+    for line in warnings:  # the whole report, also when problems stop the run
+        print(f"warning: {line}", file=sys.stderr)
+    if problems:
+        raise ValueError("\n".join(problems))
     return cfg
+
+
+def _name(key: str) -> str:
+    """minicat's name for a key in either spelling, with or without SimpleTuner's -- prefix."""
+    key = key.lstrip("-")
+    return simpletuner.RENAMED.get(key, key)
+
+
+def _check_lycoris(values: dict, path: Path, warnings: list[str]) -> list[str]:
+    """lycoris_config read now (its path made absolute), so its problems join the others."""
+    name = values.get("lycoris_config")
+    if not name:
+        return []
+    for candidate in (path.parent / name, Path(name), path.parent / Path(name).name):
+        if candidate.expanduser().is_file():
+            values["lycoris_config"] = str(candidate.expanduser().resolve())
+            break
+    else:
+        return [f"{path}: lycoris_config = {name!r}: no such file beside the config or here"]
+    try:
+        _, notes = lora.parse_lycoris_config(read_lycoris(values["lycoris_config"]))
+    except ValueError as e:
+        return [f"{name}: {e}"]
+    warnings += [f"{name}: {note}" for note in notes]
+    for key in ("lora_rank", "lora_alpha", "lora_targets", "lora_target_preset", "lora_dropout"):
+        if key in values:
+            warnings.append(
+                f"{path}: {key} is not used with lora_type = lycoris (lycoris_config's "
+                "linear_dim, linear_alpha, factor and apply_preset are)"
+            )
+    return []
+
+
+def read_lycoris(name: str) -> dict:
+    """A lycoris_config JSON file as a dict; a one-line ValueError naming it otherwise."""
+    try:
+        found = json.loads(Path(name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"lycoris_config {name}: {e}") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"lycoris_config {name}: a JSON object of LyCORIS settings")
+    return found

@@ -378,7 +378,8 @@ def generate(
     on_step(step, steps, preview image or None) reports progress. A non-finite result is an error,
     never a black picture."""
     w, h = s.size
-    param = transformer.x_embedder.weight
+    # an adapter may wrap x_embedder (LyCORIS's whole-model preset): the base layer's weight
+    param = getattr(transformer.x_embedder, "base", transformer.x_embedder).weight
     # The edit pipeline draws its noise in the model dtype, the t2i pipeline in float32.
     draw_dtype = None if refs else torch.float32
     noise = initial_noise(s.seed, h, w, param.dtype, draw_dtype).to(param.device)

@@ -55,10 +55,11 @@ except ImportError:  # Windows: no output_dir lock
     fcntl = None
 
 # What makes two runs the same run: resuming across a change of any of these would mix two
-# trainings.
+# trainings. The adapter's type and settings are among them (a LoRA is never resumed as a LoKr);
+# run_identity adds the lycoris_config's contents.
 RUN_KEYS = (
-    "model_flavour lora_rank lora_alpha lora_targets train_batch_size gradient_accumulation_steps seed "
-    "aspect_bucket_alignment"
+    "model_flavour lora_type lora_rank lora_alpha lora_targets train_batch_size "
+    "gradient_accumulation_steps seed aspect_bucket_alignment"
 ).split()
 # --------------------------------------------------------------------------------------------------
 # The recipe
@@ -84,7 +85,8 @@ def flow_loss(transformer, x0, reference, text, sigma, noise) -> torch.Tensor:
     noisy = (1 - s) * x0 + s * noise
     references = [] if reference is None else [reference]
     tokens, img_ids, txt_ids = M.image_sequence(noisy, references, text.shape[1])
-    dtype = transformer.x_embedder.weight.dtype
+    # an adapter may wrap x_embedder (LyCORIS's whole-model preset): the base layer's dtype
+    dtype = getattr(transformer.x_embedder, "base", transformer.x_embedder).weight.dtype
     pred = transformer(tokens.to(dtype), text.to(dtype), sigma.to(dtype), img_ids, txt_ids)
     target = M.pack(noise - x0)  # (B, N, 64)
     return F.mse_loss(pred[:, : target.shape[1]].float(), target.float())
@@ -130,13 +132,20 @@ def batch_loss(
 
 
 def lr_factor(step: int, cfg: config.Config) -> float:
-    """Warmup, then constant / cosine / linear decay to 0 at max_train_steps."""
+    """Warmup, then constant / cosine / linear decay to 0 at max_train_steps, or polynomial decay
+    to lr_end (diffusers' get_scheduler and SimpleTuner's custom_schedule.py, with its lr_end and
+    lr_power). SimpleTuner's constant_with_warmup and cosine_with_warmup are constant and cosine,
+    which warm up too. The warmup differs from diffusers' step / warmup on purpose: (step + 1) /
+    warmup never spends a step at learning rate 0, and reaches the full rate at the warmup's end."""
     if step < cfg.lr_warmup_steps:
         return (step + 1) / cfg.lr_warmup_steps
     t = (step - cfg.lr_warmup_steps) / max(1, cfg.max_train_steps - cfg.lr_warmup_steps)
-    return {"constant": 1.0, "linear": 1 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[
-        cfg.lr_scheduler
-    ]
+    t = min(t, 1.0)
+    kind = cfg.lr_scheduler.removesuffix("_with_warmup")
+    if kind == "polynomial":
+        end = cfg.lr_end / cfg.learning_rate
+        return (1 - end) * (1 - t) ** cfg.lr_power + end
+    return {"constant": 1.0, "linear": 1 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[kind]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,6 +500,8 @@ def run_identity(cfg: config.Config, ckpt: Path, world: int) -> dict:
         "model": data.model_identity(ckpt),
         "world_size": world,
     }
+    if cfg.lora_type == "lycoris":  # its settings, not where the file lies
+        run["lycoris"] = json.loads(json.dumps(dataclasses.asdict(lokr_settings(cfg))))
     return run | {"datasets": json.loads(json.dumps(sets, default=str))}
 
 
@@ -516,6 +527,12 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def lokr_settings(cfg: config.Config) -> lora.LoKrSettings:
+    """The LoKr of lora_type = "lycoris": lycoris_config read as SimpleTuner reads it."""
+    settings, _ = lora.parse_lycoris_config(config.read_lycoris(cfg.lycoris_config))
+    return settings
+
+
 def build_transformer(cfg: config.Config, ckpt: Path, device: torch.device):
     """The base (quantized while it loads) with a float32 LoRA on top; only the LoRA trains.
     Returns (transformer in train mode, the trainable parameters)."""
@@ -524,9 +541,12 @@ def build_transformer(cfg: config.Config, ckpt: Path, device: torch.device):
         transformer.gradient_checkpointing = cfg.gradient_checkpointing
         transformer.checkpoint_keep_attention = cfg.checkpoint_keep_attention
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
-        lora.inject_lora(
-            transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout
-        )
+        if cfg.lora_type == "lycoris":
+            lora.inject_lokr(transformer, lokr_settings(cfg))
+        else:
+            lora.inject_lora(
+                transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout
+            )
         lora.mark_only_lora_as_trainable(transformer)
 
     transformer = pipeline.build_transformer(

@@ -572,7 +572,7 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(
             ["--offload_blocks=2", "--gradient_checkpointing=false"],
             "offload_blocks needs gradient_checkpointing",
         ),
-        (["--lora_targets=[]"], "lora_targets = []"),
+        (['--lora_targets=[""]'], "lora_targets = ['']"),  # [] = the preset's
     ],
 )
 def test_bad_configs_fail_cleanly_naming_the_key(tiny_edit, tmp_path, args, message):
