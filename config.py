@@ -268,6 +268,13 @@ class Config:
             raise ValueError(
                 "validation_prompt and validation_reference need the same number of entries"
             )
+        # issue 21: a prompt's reference is a file, a list of files (several) or "" (none)
+        for ref in self.validation_reference:
+            files = isinstance(ref, list) and ref and all(isinstance(r, str) and r for r in ref)
+            if not (isinstance(ref, str) or files):
+                raise ValueError(
+                    f'validation_reference: {ref!r} should be a file, a list of files or ""'
+                )
 
 
 # Integer keys and their least value.

@@ -74,19 +74,27 @@ def sample_sigmas(
     return M.static_shift(shift, sigma) if shift > 0 else sigma
 
 
-def flow_loss(transformer, x0, reference, text, sigma, noise) -> torch.Tensor:
+def flow_loss(transformer, x0, reference, text, sigma, noise, mask=None) -> torch.Tensor:
     """Rectified flow on one batch: x_t = (1 - s) x0 + s eps; the model predicts eps - x0 on the
-    target tokens, with the clean reference tokens appended (model.image_sequence). x0, reference,
-    noise [B, 16, h, w] and sigma [B] in float32, text [B, L, D]; inputs cast to the model's dtype,
-    the MSE in float32."""
+    target tokens, with the clean reference tokens appended (model.image_sequence: reference k at
+    modality 2 + k). x0, noise [B, 16, h, w] and sigma [B] in float32; reference None, one [B, 16,
+    h, w] or a list of them; text [B, L, D]; mask None or loss weights [B, N] per target token;
+    inputs cast to the model's dtype, the MSE in float32."""
     s = sigma[:, None, None, None]
     noisy = (1 - s) * x0 + s * noise
-    references = [] if reference is None else [reference]
+    references = (
+        [] if reference is None else reference if isinstance(reference, list) else [reference]
+    )
     tokens, img_ids, txt_ids = M.image_sequence(noisy, references, text.shape[1])
     dtype = transformer.x_embedder.weight.dtype
     pred = transformer(tokens.to(dtype), text.to(dtype), sigma.to(dtype), img_ids, txt_ids)
     target = M.pack(noise - x0)  # (B, N, 64)
-    return F.mse_loss(pred[:, : target.shape[1]].float(), target.float())
+    if mask is None:
+        return F.mse_loss(pred[:, : target.shape[1]].float(), target.float())
+    # masked loss: the mask-weighted mean; a token of weight 0 gets exactly no gradient
+    err = (pred[:, : target.shape[1]].float() - target.float()) ** 2  # (B, N, 64)
+    weights = mask.float()[:, :, None].expand_as(err)  # (B, N, 64)
+    return (err * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -122,10 +130,15 @@ def batch_loss(
     text = torch.where(
         drop[:, None, None], batch["text_empty"][rows], batch["text"][rows]
     )  # (b, L, D)
-    ref = None if batch["reference"] is None else batch["reference"][rows].to(device)
-    return flow_loss(
-        transformer, x0.to(device), ref, text.to(device), sigma.to(device), noise.to(device)
-    )
+    ref = batch["reference"]
+    if isinstance(ref, list):  # several references, each (b, 16, h, w)
+        ref = [r[rows].to(device) for r in ref]
+    elif ref is not None:
+        ref = ref[rows].to(device)  # (b, 16, h, w)
+    args = (transformer, x0.to(device), ref, text.to(device), sigma.to(device), noise.to(device))
+    if batch.get("mask") is None:
+        return flow_loss(*args)
+    return flow_loss(*args, mask=batch["mask"][rows].to(device))
 
 
 def lr_factor(step: int, cfg: config.Config) -> float:
@@ -471,16 +484,14 @@ def run_validation(
             negative=cfg.validation_negative_prompt,
             preview_every=cfg.validation_preview_steps,
         )
-        refs = []
-        if v["ref_latent"] is not None:
-            refs = [v["ref_latent"].to(models.device)]
+        refs = [r.to(models.device) for r in v["ref_latents"]]
         with pipeline.explain_oom(f"validation at step {step}", config.TRAIN_KNOBS, models.device):
             image, previews = pipeline.generate(
                 transformer, vae, v["txt"], v["neg"], models.sched, s, refs, progress=False
             )
         row = []
-        if v["ref_image"] is not None:
-            row.append(("reference", v["ref_image"]))
+        for k, ref_image in enumerate(v["ref_images"]):
+            row.append(("reference" if len(refs) == 1 else f"reference {k + 1}", ref_image))
         for k, preview in previews:
             row.append((f"sampler step {k}", preview))
         row.append(("result", image))
