@@ -31,7 +31,7 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ except ImportError:  # Windows: no output_dir lock
 
 # What makes two runs the same run: resuming across a change of any of these would mix two
 # trainings.
+EMA_FILE = "pytorch_lora_weights_ema.safetensors"  # the EMA adapter, shared like the LoRA file
 RUN_KEYS = (
     "model_flavour lora_rank lora_alpha lora_targets train_batch_size gradient_accumulation_steps seed "
     "aspect_bucket_alignment"
@@ -152,11 +153,72 @@ def lr_factor(step: int, cfg: config.Config) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# EMA of the adapter (issue 21): SimpleTuner's use_ema / ema_decay / ema_update_interval, with the
+# decay of diffusers' EMAModel (training_utils.py, get_decay without warmup): the n-th update
+# uses min(ema_decay, n / (9 + n)) after a first update that copies the weights.
+
+
+class AdapterEMA:
+    """A float32 shadow of every trainable tensor, by parameter name, and how many updates made it."""
+
+    def __init__(self, transformer, decay: float, updates: int = 0, shadow: dict | None = None):
+        self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        self.decay, self.updates = decay, updates
+        if shadow is None:
+            shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.shadow = {n: t.to(self.params[n].device) for n, t in shadow.items()}
+        assert self.shadow.keys() == self.params.keys(), sorted(self.shadow.keys() ^ self.params)
+
+    def rate(self) -> float:
+        """The decay of the next update (diffusers' EMAModel: 0, then (1 + s) / (10 + s))."""
+        s = self.updates  # diffusers' optimization_step - 1, before its increment
+        return 0.0 if s == 0 else min(self.decay, (1 + s) / (10 + s))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        keep = self.rate()
+        for name, p in self.params.items():
+            shadow = self.shadow[name]
+            shadow.sub_((1 - keep) * (shadow - p.detach().float()))  # diffusers' arithmetic
+        self.updates += 1
+
+    @contextmanager
+    def applied(self):
+        """The transformer with the EMA weights in place of the trained ones, then restored."""
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+
+@contextmanager
+def showing(transformer, ema: AdapterEMA | None, version: str):
+    """The transformer as validation_show's `version`: base (adapters at 0), trained or ema."""
+    if version == "ema":
+        with ema.applied():
+            yield
+    elif version == "base":
+        lora.set_lora_scale(transformer, 0.0)
+        try:
+            yield
+        finally:
+            lora.set_lora_scale(transformer, 1.0)
+    else:
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: complete and verified, or not used; never mixed across runs; moved aside, never deleted
 
 
 def save_checkpoint(
-    out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict
+    out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict, ema=None
 ) -> Path:
     """checkpoints/step-NNNNNN: the LoRA as trained and as shared, AdamW states, RNG, loader
     position, run identity, and last a manifest of every file's size and sha256. Also refreshes the
@@ -184,6 +246,11 @@ def save_checkpoint(
             "run": run,
             "config": dataclasses.asdict(cfg),
         }
+        if ema is not None:  # the shadow as kept, and as shared (the LoRA file's format)
+            save_file({n: t.cpu() for n, t in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+            state["ema_updates"] = ema.updates
+            with ema.applied():
+                lora.save_lora(tmp / EMA_FILE, transformer, metadata={"step": step})
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
         listing = {
             f.name: {"bytes": f.stat().st_size, "sha256": files.file_digest(f)}
@@ -201,6 +268,9 @@ def save_checkpoint(
         shutil.rmtree(old)  # this run's own, verified, beyond the limit the config asks for
     shared = out / "pytorch_lora_weights.safetensors"
     files.write_atomic(shared, lambda tmp: shutil.copyfile(final / shared.name, tmp), "the LoRA ")
+    if ema is not None:
+        copy = lambda tmp: shutil.copyfile(final / EMA_FILE, tmp)  # noqa: E731
+        files.write_atomic(out / EMA_FILE, copy, "the EMA LoRA ")
     return final
 
 
@@ -265,6 +335,20 @@ def load_checkpoint(path: Path, transformer, loader) -> tuple[int, dict]:
     state = json.loads((path / "state.json").read_text())
     loader.load_state_dict(state["loader"])
     return state["step"], load_file(str(path / "optimizer.safetensors"))
+
+
+def load_ema(path: Path | None, transformer, cfg: config.Config) -> AdapterEMA | None:
+    """The EMA (use_ema): a checkpoint's shadow and update count, or a fresh one from the weights in
+    place (a new run, or a checkpoint written without use_ema: said so)."""
+    if not cfg.use_ema:
+        return None
+    if path is not None and (path / "ema.safetensors").exists():
+        updates = json.loads((path / "state.json").read_text())["ema_updates"]
+        shadow = load_file(str(path / "ema.safetensors"))
+        return AdapterEMA(transformer, cfg.ema_decay, updates, shadow)
+    if path is not None:
+        print(f"warning: {path} has no EMA (written without use_ema): it starts from these weights")
+    return AdapterEMA(transformer, cfg.ema_decay)
 
 
 class OutputLock:
@@ -468,10 +552,18 @@ def train_step(
 
 
 def run_validation(
-    transformer, models: pipeline.Models, val: list, cfg: config.Config, step: int, out: Path
-) -> None:
+    transformer,
+    models: pipeline.Models,
+    val: list,
+    cfg: config.Config,
+    step: int,
+    out: Path,
+    ema: AdapterEMA | None = None,
+):
     """validation/step-NNNNNN.png: each prompt sampled from validation_seed (the training RNG
-    untouched), one captioned row per prompt: reference | previews | result."""
+    untouched), one captioned row per prompt: references | previews | result, for each version in
+    validation_show (base, trained, ema) side by side, labelled when more than one. Returns the
+    grid (a PIL image)."""
     vae = models.vae()
     rows = []
     transformer.eval()
@@ -485,16 +577,20 @@ def run_validation(
             preview_every=cfg.validation_preview_steps,
         )
         refs = [r.to(models.device) for r in v["ref_latents"]]
-        with pipeline.explain_oom(f"validation at step {step}", config.TRAIN_KNOBS, models.device):
-            image, previews = pipeline.generate(
-                transformer, vae, v["txt"], v["neg"], models.sched, s, refs, progress=False
-            )
         row = []
         for k, ref_image in enumerate(v["ref_images"]):
             row.append(("reference" if len(refs) == 1 else f"reference {k + 1}", ref_image))
-        for k, preview in previews:
-            row.append((f"sampler step {k}", preview))
-        row.append(("result", image))
+        for version in cfg.validation_show:
+            label = "" if cfg.validation_show == ["trained"] else f"{version}: "
+            where = f"validation at step {step}"
+            with pipeline.explain_oom(where, config.TRAIN_KNOBS, models.device):
+                with showing(transformer, ema, version):
+                    image, previews = pipeline.generate(
+                        transformer, vae, v["txt"], v["neg"], models.sched, s, refs, progress=False
+                    )
+            for k, preview in previews:
+                row.append((f"{label}sampler step {k}", preview))
+            row.append((f"{label}result" if label else "result", image))
         caption = f"{v['prompt']}  |  training step {step}, seed {s.seed}, guidance {s.guidance}"
         rows.append((caption, row))
     transformer.train()
@@ -502,6 +598,7 @@ def run_validation(
     grid = images.validation_grid(rows)
     path = out / "validation" / f"step-{step:06d}.png"
     files.write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"), "the validation grid ")
+    return grid
 
 
 def stop_non_finite(
@@ -576,13 +673,14 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
             load_checkpoint(resume, transformer, loader) if resume is not None else (0, {})
         )
         opt = build_optimizer(cfg, transformer, params, states)
+        ema = load_ema(resume, transformer, cfg)
         max_steps = min(
             cfg.max_train_steps, cfg.num_train_epochs * len(loader) or cfg.max_train_steps
         )
         note = f"{sum(p.numel() for p in params):,} LoRA parameters on {device} x {world}"
         log = begin_log(out, run, cfg, step, resume, note) if rank == 0 else None
         if rank == 0 and val and step == 0:
-            run_validation(transformer, models, val, cfg, 0, out)
+            run_validation(transformer, models, val, cfg, 0, out, ema)
         bar = tqdm(
             total=max_steps, initial=step, desc="training", disable=rank != 0, file=sys.stdout
         )
@@ -609,15 +707,17 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
                 group["lr"] = lr
             opt.step()
             step += 1
+            if ema is not None and step % cfg.ema_update_interval == 0:
+                ema.update()
             if rank == 0:
                 log.add({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 bar.update()
                 if step % cfg.checkpointing_steps == 0 or step == max_steps:
-                    last = save_checkpoint(out, step, transformer, opt, loader, cfg, run)
+                    last = save_checkpoint(out, step, transformer, opt, loader, cfg, run, ema)
                     images.plot_losses(log.rows(), out / "loss.png")
                 if val and (step % cfg.validation_steps == 0 or step == max_steps):
-                    run_validation(transformer, models, val, cfg, step, out)
+                    run_validation(transformer, models, val, cfg, step, out, ema)
         bar.close()
     finish_distributed()
     if rank == 0:
