@@ -230,6 +230,9 @@ class Config:
     ema_decay: float = 0.995  # the most the EMA keeps per update (diffusers' EMAModel schedule)
     ema_update_interval: int = 1  # update the EMA every N optimizer steps
     validation_show: list = field(default_factory=lambda: ["trained"])  # base | trained | ema
+    report_to: str = "none"  # none | tensorboard | wandb: loss, lr, grad norm, validation grids
+    tracker_project_name: str = "minicat"
+    tracker_run_name: str = ""  # default: output_dir's folder name
 
     def check(self) -> None:
         """Every value within its range; a ValueError names the key and what it accepts."""
@@ -283,6 +286,10 @@ class Config:
         show = self.validation_show
         if not show or len(set(show)) < len(show) or set(show) - {"base", "trained", "ema"}:
             raise ValueError(f"validation_show = {show!r}: a list of distinct base, trained, ema")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ValueError(
+                f"report_to = {self.report_to!r}: choose one of none, tensorboard, wandb"
+            )
         if "ema" in show and not self.use_ema:
             raise ValueError('validation_show includes "ema": set use_ema = true')
         for ref in self.validation_reference:

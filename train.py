@@ -34,6 +34,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -411,6 +412,58 @@ def start_over(out: Path, run: dict, cfg: config.Config) -> None:
     files.move_aside([out / n for n in names if (out / n).exists()], "old")
 
 
+class Tracker:
+    """report_to (SimpleTuner's key; rank 0 only): "tensorboard" writes event files under
+    output_dir/logs/<tracker_project_name>/<tracker_run_name>; "wandb" starts a run as WANDB_MODE
+    and the user's own wandb settings say (never a login); "none" (the default) sends nothing
+    anywhere. Scalars go as train/loss, train/lr, train/grad_norm; grids as validation."""
+
+    def __init__(self, cfg: config.Config, out: Path):
+        self.kind, self.writer, self.run = cfg.report_to, None, None
+        name = cfg.tracker_run_name or out.name
+        if self.kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(
+                    "report_to = 'tensorboard' needs its package: pip install tensorboard"
+                ) from None
+            self.writer = SummaryWriter(str(out / "logs" / cfg.tracker_project_name / name))
+        elif self.kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(
+                    "report_to = 'wandb' needs its package: pip install wandb"
+                ) from None
+            config_ = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+            self.run = wandb.init(
+                project=cfg.tracker_project_name, name=name, dir=str(out), config=config_
+            )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def image(self, step: int, grid) -> None:
+        if self.writer is not None:
+            pixels = np.array(grid.convert("RGB"))  # (H, W, 3) uint8
+            self.writer.add_image("validation", pixels, step, dataformats="HWC")
+        if self.run is not None:
+            import wandb
+
+            self.run.log({"validation": wandb.Image(grid)}, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
 class LossLog:
     """loss.jsonl, one line per optimizer step; on resume cut back to the resumed step, so a resumed
     log equals a straight run's and the loss curve has one point per step."""
@@ -665,6 +718,7 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
     )
     with OutputLock(out) if rank == 0 else nullcontext():
         resume = claim_output_dir(out, run, cfg, rank)
+        tracker = Tracker(cfg, out) if rank == 0 else None  # a missing package stops the run here
         models = data.prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
         transformer, params = build_transformer(cfg, ckpt, device)
         per_gpu = cfg.train_batch_size * cfg.gradient_accumulation_steps
@@ -680,7 +734,7 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
         note = f"{sum(p.numel() for p in params):,} LoRA parameters on {device} x {world}"
         log = begin_log(out, run, cfg, step, resume, note) if rank == 0 else None
         if rank == 0 and val and step == 0:
-            run_validation(transformer, models, val, cfg, 0, out, ema)
+            tracker.image(0, run_validation(transformer, models, val, cfg, 0, out, ema))
         bar = tqdm(
             total=max_steps, initial=step, desc="training", disable=rank != 0, file=sys.stdout
         )
@@ -711,14 +765,18 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
                 ema.update()
             if rank == 0:
                 log.add({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
+                tracker.scalars(step, {"loss": loss, "lr": lr, "grad_norm": norm})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 bar.update()
                 if step % cfg.checkpointing_steps == 0 or step == max_steps:
                     last = save_checkpoint(out, step, transformer, opt, loader, cfg, run, ema)
                     images.plot_losses(log.rows(), out / "loss.png")
                 if val and (step % cfg.validation_steps == 0 or step == max_steps):
-                    run_validation(transformer, models, val, cfg, step, out, ema)
+                    grid = run_validation(transformer, models, val, cfg, step, out, ema)
+                    tracker.image(step, grid)
         bar.close()
+        if tracker is not None:
+            tracker.close()
     finish_distributed()
     if rank == 0:
         print(
