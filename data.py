@@ -961,9 +961,10 @@ def validation_set(cfg: config.Config, cfg_dir: Path, samples: list, flavour: st
     width, height = pipeline.parse_size(cfg.validation_resolution, "validation_resolution")
     prompts = cfg.validation_prompt
     refs = cfg.validation_reference
-    if not prompts:  # the first sample of the datasets
-        prompts = [samples[0].captions[0]]
-        refs = [[str(r) for r in samples[0].references]] if samples[0].references else []
+    if not prompts:  # the first sample, the first with references on an edit model
+        first = next((s for s in samples if s.references or flavour != "edit"), samples[0])
+        prompts = [first.captions[0]]
+        refs = [[str(r) for r in first.references]] if first.references else []
     if flavour == "edit" and not refs:
         raise ValueError(
             "validation_prompt is set but validation_reference is not: an edit needs an image"
