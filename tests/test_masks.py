@@ -153,6 +153,18 @@ def test_the_difference_mask_weighs_what_changed_grown_by_the_dilation(tmp_path)
 
 
 @pytest.mark.parametrize(
+    "key, value", [("mask_threshold", 40), ("mask_dilation", 0), ("mask_floor", 0.5)]
+)
+def test_a_changed_difference_setting_makes_a_new_mask_entry(tmp_path, key, value):
+    """The cached weights are keyed by threshold, dilation and floor. Catches: a setting left out
+    of the key (the old weights served after the user changed it)."""
+    first, _ = build(edit_config(tmp_path, {"a.png": (64, 64)}, mask="difference"), tmp_path)
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)}, mask="difference", **{key: value})
+    second, _ = build(cfg, tmp_path)
+    assert first.samples[0].entries["mask"] != second.samples[0].entries["mask"], key
+
+
+@pytest.mark.parametrize(
     "keys, message",
     [
         ({"mask": "difference", "conditioning_data": []}, "needs a reference dataset"),
