@@ -247,6 +247,14 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     aspect_bucket_alignment: int = 64
     datasets: list = field(default_factory=list)
+    # --- issue 21: EMA of the adapter (SimpleTuner's names and defaults), validation, trackers
+    use_ema: bool = False  # keep an exponential moving average of the adapter
+    ema_decay: float = 0.995  # the most the EMA keeps per update (diffusers' EMAModel schedule)
+    ema_update_interval: int = 1  # update the EMA every N optimizer steps
+    validation_show: list = field(default_factory=lambda: ["trained"])  # base | trained | ema
+    report_to: str = "none"  # none | tensorboard | wandb: loss, lr, grad norm, validation grids
+    tracker_project_name: str = "minicat"
+    tracker_run_name: str = ""  # default: output_dir's folder name
 
     def check(self) -> None:
         """Every value within its range; a ValueError names the key and what it accepts."""
@@ -298,6 +306,28 @@ class Config:
             raise ValueError(
                 "validation_prompt and validation_reference need the same number of entries"
             )
+        # issue 21: EMA, what validation shows; a prompt's reference: file(s) or "" (none)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay = {self.ema_decay}: must be in [0, 1)")
+        if not 1 <= self.ema_update_interval < 2**62:
+            raise ValueError(
+                f"ema_update_interval = {self.ema_update_interval}: must be at least 1"
+            )
+        show = self.validation_show
+        if not show or len(set(show)) < len(show) or set(show) - {"base", "trained", "ema"}:
+            raise ValueError(f"validation_show = {show!r}: a list of distinct base, trained, ema")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ValueError(
+                f"report_to = {self.report_to!r}: choose one of none, tensorboard, wandb"
+            )
+        if "ema" in show and not self.use_ema:
+            raise ValueError('validation_show includes "ema": set use_ema = true')
+        for ref in self.validation_reference:
+            files = isinstance(ref, list) and ref and all(isinstance(r, str) and r for r in ref)
+            if not (isinstance(ref, str) or files):
+                raise ValueError(
+                    f'validation_reference: {ref!r} should be a file, a list of files or ""'
+                )
 
 
 # Integer keys and their least value.

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -63,6 +64,7 @@ CACHE_VERSION = (
 )
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 LATENT_CHANNELS, VAE_FACTOR = 16, 8  # the FLUX.1 VAE: 16 latent channels, 8x down
+TOKEN_PX = 2 * VAE_FACTOR  # one transformer token: 2 x 2 latents, 16 x 16 pixels
 
 
 class DataError(ValueError):
@@ -89,9 +91,15 @@ class DatasetConfig:
     alignment: int = 64  # the config's top-level aspect_bucket_alignment
     caption_strategy: str | None = None  # textfile | filename | instanceprompt | None
     instance_prompt: str | None = None
-    conditioning_data: str | None = None  # id of the reference dataset, for edit datasets
+    conditioning_data: list[str] = field(default_factory=list)  # reference dataset ids, in order
     repeats: int = 0  # extra appearances of each sample per epoch (0: once)
-    role: str = "t2i"  # "edit", "reference" or "t2i": derived from conditioning_data
+    role: str = "t2i"  # "edit", "reference", "mask" or "t2i": derived from conditioning_data
+    # masked loss (issue 21): a mask set is named in conditioning_data with conditioning_type "mask"
+    conditioning_type: str | None = None
+    mask: str | None = None  # "difference": weights from where target and first reference differ
+    mask_threshold: int = 16  # a pixel differs when a channel moves by more than this (of 255)
+    mask_dilation: int = 16  # grow the differing region by this many pixels
+    mask_floor: float = 0.1  # the weight outside it (0: no gradient there)
 
 
 KEYS = {
@@ -109,13 +117,18 @@ KEYS = {
     "conditioning_data": (str, list),
     "conditioning_type": str,
     "repeats": int,
+    "mask": str,
+    "mask_threshold": int,
+    "mask_dilation": int,
+    "mask_floor": float,
 }
 CHOICES = {
     "type": ["local"],
     "dataset_type": ["image", "conditioning"],
     "resolution_type": ["pixel_area"],
     "caption_strategy": ["textfile", "filename", "instanceprompt", "none"],
-    "conditioning_type": ["reference_strict", "reference_loose"],
+    "conditioning_type": ["reference_strict", "reference_loose", "mask"],
+    "mask": ["difference"],
 }
 REQUIRED = ("id", "instance_data_dir", "cache_dir_vae")
 
@@ -153,10 +166,6 @@ def _parse_entry(e: dict, where: str, base_dir: Path, alignment: int) -> Dataset
 
     cond = e.get("conditioning_data", [])
     cond = [cond] if isinstance(cond, str) else cond
-    if len(cond) > 1:
-        raise DataError(
-            [f"{where}: conditioning_data names {len(cond)} datasets; one is supported"]
-        )
     vae, text = path(e["cache_dir_vae"]), e.get("cache_dir_text")
     ds = DatasetConfig(
         e["id"], path(e["instance_data_dir"]), vae, path(text) if text else vae.parent / "text"
@@ -169,7 +178,11 @@ def _parse_entry(e: dict, where: str, base_dir: Path, alignment: int) -> Dataset
     ds.caption_strategy = (
         None if e.get("caption_strategy") in (None, "none") else e["caption_strategy"]
     )
-    ds.instance_prompt, ds.conditioning_data = e.get("instance_prompt"), cond[0] if cond else None
+    ds.instance_prompt, ds.conditioning_data = e.get("instance_prompt"), cond
+    ds.conditioning_type, ds.mask = e.get("conditioning_type"), e.get("mask")
+    ds.mask_threshold = e.get("mask_threshold", ds.mask_threshold)
+    ds.mask_dilation = e.get("mask_dilation", ds.mask_dilation)
+    ds.mask_floor = e.get("mask_floor", ds.mask_floor)
     if ds.resolution < alignment:
         raise DataError([f"{where}: resolution {ds.resolution} must be at least {alignment}"])
     return ds
@@ -212,32 +225,58 @@ def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> l
     return datasets
 
 
+def _mask_problems(ds: DatasetConfig, conds: list[DatasetConfig], where: str) -> list[str]:
+    """What is wrong with a dataset's masked-loss settings (issue 21)."""
+    out, masks = [], [c.id for c in conds if c.role == "mask"]
+    if len(masks) > 1:
+        out.append(f"{where}: conditioning_data names {len(masks)} mask datasets; name one")
+    if ds.mask == "difference" and masks:
+        out.append(f"{where}: mask = 'difference' and a mask dataset; choose one")
+    if ds.mask == "difference" and not any(c.role == "reference" for c in conds):
+        out.append(f"{where}: mask = 'difference' needs a reference dataset in conditioning_data")
+    if not 0 <= ds.mask_threshold <= 255:
+        out.append(f"{where}: mask_threshold = {ds.mask_threshold} must be in [0, 255]")
+    if not 0 <= ds.mask_dilation <= 1024:
+        out.append(f"{where}: mask_dilation = {ds.mask_dilation} must be in [0, 1024] pixels")
+    if not (math.isfinite(ds.mask_floor) and 0 <= ds.mask_floor <= 1):
+        out.append(f"{where}: mask_floor = {ds.mask_floor} must be in [0, 1]")
+    return out
+
+
 def _link_roles(datasets: list[DatasetConfig]) -> None:
-    """Mark edit and reference sets from conditioning_data and check what each role needs."""
+    """Mark edit, reference and mask sets from conditioning_data and check what each role needs."""
     ids, by_id, problems = [d.id for d in datasets], {d.id: d for d in datasets}, []
     problems += [
         f"dataset '{i}': the id is used twice" for i in sorted({i for i in ids if ids.count(i) > 1})
     ]
     for ds in datasets:
-        if ds.conditioning_data == ds.id:
-            problems.append(f"dataset '{ds.id}': conditioning_data names the dataset itself")
-        elif ds.conditioning_data in by_id:
-            ds.role, by_id[ds.conditioning_data].role = "edit", "reference"
-        elif ds.conditioning_data is not None:
-            close = difflib.get_close_matches(cond := ds.conditioning_data, ids, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"ids: {', '.join(ids)}"
-            problems.append(f"dataset '{ds.id}': conditioning_data: no dataset '{cond}' ({hint})")
+        if len(set(ds.conditioning_data)) < len(ds.conditioning_data):
+            problems.append(f"dataset '{ds.id}': conditioning_data names a dataset twice")
+        for cond in ds.conditioning_data:
+            if cond == ds.id:
+                problems.append(f"dataset '{ds.id}': conditioning_data names the dataset itself")
+            elif cond in by_id and by_id[cond].conditioning_type == "mask":
+                by_id[cond].role = "mask"
+            elif cond in by_id:
+                ds.role, by_id[cond].role = "edit", "reference"
+            else:
+                close = difflib.get_close_matches(cond, ids, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"ids: {', '.join(ids)}"
+                problems.append(
+                    f"dataset '{ds.id}': conditioning_data: no dataset '{cond}' ({hint})"
+                )
     if problems:  # the roles below would be guesses
         raise DataError(problems)
     for ds in datasets:
         where = f"dataset '{ds.id}'"
-        if ds.role == "reference" and ds.conditioning_data:
+        if ds.role in ("reference", "mask") and ds.conditioning_data:
             problems.append(
-                f"{where}: a reference dataset cannot have conditioning_data of its own"
+                f"{where}: a {ds.role} dataset cannot have conditioning_data of its own"
             )
-        refs = [by_id[ds.conditioning_data]] if ds.role == "edit" else []
+        refs = [by_id[c] for c in ds.conditioning_data if by_id[c].role == "reference"]
+        problems += _mask_problems(ds, [by_id[c] for c in ds.conditioning_data], where)
         if (
-            ds.role != "reference"
+            ds.role not in ("reference", "mask")
             and not ds.caption_strategy
             and not any(r.caption_strategy for r in refs)
         ):
@@ -290,14 +329,22 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 class Sample:
     dataset: str
     target: Path
-    reference: Path | None  # None: text-to-image
+    references: list[Path]  # in conditioning_data's order, those found; []: text-to-image
     captions: list[str]  # variants (textfile lines, as SimpleTuner); one is drawn per epoch
     repeats: int = 0
     size: tuple[int, int] = (0, 0)  # target (W, H) after EXIF rotation
-    bucket: tuple[int, int] = (0, 0)  # (W, H) of target and reference alike
+    bucket: tuple[int, int] = (0, 0)  # (W, H) of the target and every reference alike
     target_hash: str = ""
-    reference_hash: str = ""
-    entries: dict = field(default_factory=dict)  # by build_caches: target, reference, texts, empty
+    reference_hashes: list[str] = field(default_factory=list)
+    reference_sets: list[str] = field(default_factory=list)  # the dataset id of each reference
+    mask: Path | None = None  # the mask image of the same name, from the mask set
+    mask_hash: str = ""
+    entries: dict = field(default_factory=dict)  # by build_caches: target, references, texts, empty
+
+    @property
+    def reference(self) -> Path | None:
+        """The first reference (the official single-reference edit), or None."""
+        return self.references[0] if self.references else None
 
 
 def _list_images(ds: DatasetConfig, notes: list[str]) -> dict[str, list[Path]]:
@@ -348,27 +395,46 @@ def _inspect(path: Path) -> tuple[str, tuple[int, int]] | str:
 def _pair(
     ds: DatasetConfig, listing: dict, by_id: dict, notes: list[str]
 ) -> tuple[list[Sample], list[str]]:
-    """The samples of one edit or t2i set, and its problems (orphans, missing captions)."""
-    ref_ds = by_id.get(ds.conditioning_data)
-    refs = listing[ref_ds.id] if ref_ds else {}
-    samples, orphans, uncaptioned = [], [], []
+    """The samples of one edit or t2i set, and its problems (no target with a reference, missing
+    captions). A target keeps the references found under its name, in conditioning_data's order; one
+    with none trains as text-to-image on the edit model (ai-toolkit#480), and is noted."""
+    ref_sets = [by_id[c] for c in ds.conditioning_data if by_id[c].role == "reference"]
+    mask_set = next((by_id[c] for c in ds.conditioning_data if by_id[c].role == "mask"), None)
+    samples, orphans, uncaptioned, unmasked = [], [], [], []
     for stem, (path, *_) in listing[ds.id].items():
-        ref = refs[stem][0] if stem in refs else None
+        found = [(r, listing[r.id][stem][0]) for r in ref_sets if stem in listing[r.id]]
         # the seed: captions on the reference set, where a file has one, replace the edit set's
-        captions = (_captions(ref_ds, ref) if ref and ref_ds.caption_strategy else []) or _captions(
-            ds, path
-        )
-        if ref_ds and ref is None:
-            orphans.append(path.relative_to(ds.instance_data_dir).as_posix())
-        elif not captions:
-            uncaptioned.append(path.relative_to(ds.instance_data_dir).as_posix())
+        on_refs = (c for r, ref in found if r.caption_strategy and (c := _captions(r, ref)))
+        captions = next(on_refs, []) or _captions(ds, path)
+        name = path.relative_to(ds.instance_data_dir).as_posix()
+        if ref_sets and not found:
+            orphans.append(name)
+        if not captions:
+            uncaptioned.append(name)
         else:
-            samples.append(Sample(ds.id, path, ref, captions, ds.repeats))
+            refs = [ref for _, ref in found]
+            sample = Sample(ds.id, path, refs, captions, ds.repeats)
+            sample.reference_sets = [r.id for r, _ in found]
+            if mask_set is not None and stem in listing[mask_set.id]:
+                sample.mask = listing[mask_set.id][stem][0]
+            elif mask_set is not None:
+                unmasked.append(name)
+            samples.append(sample)
     problems = []
     if orphans:
-        where = ref_ds.instance_data_dir
+        where = " or ".join(str(r.instance_data_dir) for r in ref_sets)
         names = f"{len(orphans)} image(s): {', '.join(orphans)}"
-        problems.append(f"dataset '{ds.id}': no reference of the same name in {where} for {names}")
+        line = f"dataset '{ds.id}': no reference of the same name in {where} for {names}"
+        if len(orphans) == len(listing[ds.id]):  # surely a wrong folder, not a t2i mix
+            problems.append(line)
+        else:
+            notes.append(f"{line}: trained as text-to-image")
+    if unmasked:
+        where = mask_set.instance_data_dir
+        problems.append(
+            f"dataset '{ds.id}': no mask of the same name in {where} for {len(unmasked)} image(s): "
+            + ", ".join(unmasked)
+        )
     if uncaptioned:
         what = "a caption" + (
             " file (missing, empty, not UTF-8)" if ds.caption_strategy == "textfile" else ""
@@ -376,17 +442,20 @@ def _pair(
         problems.append(
             f"dataset '{ds.id}': {len(uncaptioned)} without {what}: {', '.join(uncaptioned)}"
         )
-    if ref_ds and (unused := sorted(set(refs) - set(listing[ds.id]))):
-        names = f"{len(unused)} reference(s) without an edit image, skipped: {', '.join(unused)}"
-        notes.append(f"dataset '{ref_ds.id}': {names}")
-    if ref_ds and ref_ds.caption_strategy:
-        rule = (
-            "SimpleTuner's rule; usually unwanted: drop its caption_strategy to keep the "
-            "instructions"
-        )
-        notes.append(
-            f"dataset '{ref_ds.id}' has captions: they replace those of '{ds.id}' ({rule})"
-        )
+    for ref_ds in ref_sets:
+        if unused := sorted(set(listing[ref_ds.id]) - set(listing[ds.id])):
+            names = (
+                f"{len(unused)} reference(s) without an edit image, skipped: {', '.join(unused)}"
+            )
+            notes.append(f"dataset '{ref_ds.id}': {names}")
+        if ref_ds.caption_strategy:
+            rule = (
+                "SimpleTuner's rule; usually unwanted: drop its caption_strategy to keep the "
+                "instructions"
+            )
+            notes.append(
+                f"dataset '{ref_ds.id}' has captions: they replace those of '{ds.id}' ({rule})"
+            )
     return samples, problems
 
 
@@ -410,12 +479,12 @@ def scan(datasets: list[DatasetConfig], notes: list[str] | None = None) -> list[
             problems.append(f"dataset '{ds.id}': {', '.join(p.name for p in ps)} share a name")
     if problems:
         raise DataError(problems)
-    for ds in (d for d in datasets if d.role != "reference"):
+    for ds in (d for d in datasets if d.role not in ("reference", "mask")):
         found, bad = _pair(ds, listing, by_id, notes)
         samples, problems = samples + found, problems + bad
     if problems:
         raise DataError(problems)
-    paths = sorted({p for s in samples for p in (s.target, s.reference) if p is not None})
+    paths = sorted({p for s in samples for p in (s.target, *s.references, s.mask) if p})
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
         info = dict(zip(paths, pool.map(_inspect, paths), strict=True))
     if problems := [v for v in info.values() if isinstance(v, str)]:
@@ -423,7 +492,8 @@ def scan(datasets: list[DatasetConfig], notes: list[str] | None = None) -> list[
     for s in samples:
         ds = by_id[s.dataset]
         s.target_hash, s.size = info[s.target]
-        s.reference_hash = info[s.reference][0] if s.reference else ""
+        s.reference_hashes = [info[r][0] for r in s.references]
+        s.mask_hash = info[s.mask][0] if s.mask else ""
         s.bucket = nearest_bucket(s.size, make_buckets(ds.resolution, ds.alignment))
     return samples
 
@@ -504,12 +574,14 @@ def plan_entries(
     samples: list[Sample], datasets: list[DatasetConfig], model_id: str, dtype: str, te: str
 ) -> None:
     """Name every sample's entries (s.entries): latents by image, bucket, model and dtype; texts by
-    caption, (reference, bucket) for edits, model, dtype and the text encoder's precision `te`."""
+    caption, (every reference, bucket) for edits, model, dtype and the text encoder's precision `te`.
+    One reference gives the names it always had; each reference's latent lives in its own set's
+    cache."""
     by_id = {d.id: d for d in datasets}
     for s in samples:
         ds, (w, h) = by_id[s.dataset], s.bucket
         ctx = (
-            [s.reference_hash, f"{w}x{h}"] if s.reference else []
+            [*s.reference_hashes, f"{w}x{h}"] if s.references else []
         )  # t2i text depends on the text alone
         latent, text = [f"{w}x{h}", model_id, dtype], [*ctx, model_id, dtype, te]
         s.entries = {
@@ -517,9 +589,18 @@ def plan_entries(
             "texts": [ds.cache_dir_text / entry_name("text", c, *text) for c in s.captions],
             "empty": ds.cache_dir_text / entry_name("text", "", *text),
         }
-        if s.reference:
-            ref_dir = by_id[ds.conditioning_data].cache_dir_vae
-            s.entries["reference"] = ref_dir / entry_name("latent", s.reference_hash, *latent)
+        s.entries["references"] = [
+            by_id[d].cache_dir_vae / entry_name("latent", sha, *latent)
+            for d, sha in zip(s.reference_sets, s.reference_hashes, strict=True)
+        ]
+        # loss weights on the token grid: by the mask image and bucket, or by what they derive from
+        if s.mask:
+            mask_set = next(by_id[c] for c in ds.conditioning_data if by_id[c].role == "mask")
+            s.entries["mask"] = mask_set.cache_dir_vae / entry_name("mask", s.mask_hash, f"{w}x{h}")
+        elif ds.mask == "difference" and s.references:
+            knobs = [ds.mask_threshold, ds.mask_dilation, ds.mask_floor]
+            derived = ["difference", s.target_hash, s.reference_hashes[0], f"{w}x{h}", *knobs]
+            s.entries["mask"] = ds.cache_dir_vae / entry_name("mask", *derived)
 
 
 def _check_entries(samples: list[Sample], report: Report) -> dict[Path, bool]:
@@ -528,9 +609,9 @@ def _check_entries(samples: list[Sample], report: Report) -> dict[Path, bool]:
     jobs = {}
     for s in samples:
         shape = (LATENT_CHANNELS, s.bucket[1] // VAE_FACTOR, s.bucket[0] // VAE_FACTOR)
-        jobs.update(
-            {s.entries[k]: ("latent", shape) for k in ("target", "reference") if k in s.entries}
-        )
+        jobs.update({p: ("latent", shape) for p in [s.entries["target"], *s.entries["references"]]})
+        if "mask" in s.entries:
+            jobs[s.entries["mask"]] = ("mask", (s.bucket[1] // TOKEN_PX, s.bucket[0] // TOKEN_PX))
         jobs.update({p: ("text", None) for p in [*s.entries["texts"], s.entries["empty"]]})
 
     def check(item) -> bool:
@@ -576,6 +657,7 @@ def build_caches(
         raise DataError(
             [f"{n} cache entries are missing or bad, e.g. {first}: build them with python data.py"]
         )
+    report.misses += _make_masks(samples, {d.id: d for d in datasets}, status)
     report.misses += _encode_latents(samples, status, encode_latents, progress)
     report.misses += _encode_texts(samples, status, encode_text, progress)
     for s in (s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]):
@@ -585,23 +667,73 @@ def build_caches(
     return report
 
 
+def mask_weights(mask: Image.Image) -> torch.Tensor:
+    """A mask image already fitted to its bucket (as the target is) -> loss weights [H/16, W/16]:
+    the grey level (white 1: trained, black 0: not), area-averaged over each token's 16 x 16
+    pixels."""
+    x = (images.pil_to_tensor(mask).mean(1, keepdim=True) + 1) / 2  # (1, 1, H, W) in [0, 1]
+    x = x.clamp(0, 1)  # Lanczos may ring past black and white
+    return F.avg_pool2d(x, TOKEN_PX)[0, 0]  # (H/16, W/16)
+
+
+def difference_weights(
+    target: Image.Image, reference: Image.Image, threshold: int, dilation: int, floor: float
+) -> torch.Tensor:
+    """Loss weights [H/16, W/16] from where a fitted pair differs: a pixel where any channel moves
+    by more than `threshold` of 255, grown by `dilation` pixels (a square max filter), area-averaged
+    over each token, then floor + (1 - floor) x that, so the unchanged region keeps `floor`."""
+    t, r = images.pil_to_tensor(target), images.pil_to_tensor(reference)  # (1, 3, H, W) in [-1, 1]
+    moved = ((t - r).abs().amax(1, keepdim=True) * 127.5 > threshold).float()  # (1, 1, H, W)
+    if dilation:
+        moved = F.max_pool2d(moved, 2 * dilation + 1, stride=1, padding=dilation)
+    return floor + (1 - floor) * F.avg_pool2d(moved, TOKEN_PX)[0, 0]  # (H/16, W/16)
+
+
+def _make_masks(samples: list[Sample], by_id: dict, status: dict[Path, bool]) -> int:
+    """Every missing mask entry (no encoder needed): a mask image or a pair's difference."""
+    written = 0
+    for s in (s for s in samples if not status.get(s.entries.get("mask"), True)):
+        path = s.entries["mask"]
+        if status[path]:  # shared by another sample and written just now
+            continue
+        if s.mask:
+            weights, source = mask_weights(_load_fitted(s.mask, s.mask_hash, s.bucket)), s.mask
+        else:
+            ds = by_id[s.dataset]
+            target = _load_fitted(s.target, s.target_hash, s.bucket)
+            ref = _load_fitted(s.references[0], s.reference_hashes[0], s.bucket)
+            knobs = (ds.mask_threshold, ds.mask_dilation, ds.mask_floor)
+            weights, source = difference_weights(target, ref, *knobs), s.target
+        _write(
+            path,
+            "mask",
+            weights.float(),
+            {"source": str(source), "bucket": "{}x{}".format(*s.bucket)},
+        )
+        status[path], written = True, written + 1
+    return written
+
+
 def _encode_latents(samples: list[Sample], status: dict[Path, bool], encode, progress: bool) -> int:
     """The VAE pass: every missing latent entry (an entry shared by samples is written once)."""
     todo = [
-        (s, k)
+        (s, path, image, sha)
         for s in samples
-        for k in ("target", "reference")
-        if not status.get(s.entries.get(k), True)
+        for path, image, sha in zip(
+            [s.entries["target"], *s.entries["references"]],
+            [s.target, *s.references],
+            [s.target_hash, *s.reference_hashes],
+            strict=True,
+        )
+        if not status[path]
     ]
     written = 0
-    for s, kind in tqdm(
+    for s, path, image, sha in tqdm(
         todo, desc="caching latents", unit="image", disable=not (progress and todo), file=sys.stdout
     ):
-        path, image, (w, h) = s.entries[kind], getattr(s, kind), s.bucket
+        w, h = s.bucket
         if not status[path]:
-            fitted = _load_fitted(
-                image, s.reference_hash if kind == "reference" else s.target_hash, s.bucket
-            )
+            fitted = _load_fitted(image, sha, s.bucket)
             with torch.inference_mode():
                 z = encode(images.pil_to_tensor(fitted))
             assert z.shape == (1, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR), (
@@ -614,8 +746,8 @@ def _encode_latents(samples: list[Sample], status: dict[Path, bool], encode, pro
 
 
 def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progress: bool) -> int:
-    """The text-encoder pass: every missing text entry; an edit's text sees its reference at
-    bucket size."""
+    """The text-encoder pass: every missing text entry; an edit's text sees its references at
+    bucket size (one image, or a list of them)."""
     todo = [
         (s, c, p)
         for s in samples
@@ -627,11 +759,13 @@ def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progr
         todo, desc="caching texts", unit="text", disable=not (progress and todo), file=sys.stdout
     ):
         if not status[path]:
-            if s.reference and ref_of is not s:
-                ref, ref_of = _load_fitted(s.reference, s.reference_hash, s.bucket), s
+            if s.references and ref_of is not s:
+                pairs = zip(s.references, s.reference_hashes, strict=True)
+                ref = [_load_fitted(r, sha, s.bucket) for r, sha in pairs]
+                ref, ref_of = ref[0] if len(ref) == 1 else ref, s
             with torch.inference_mode():
                 where = f"the caption of {s.target}" if caption else ""
-                t = encode(caption, ref if s.reference else None, where)
+                t = encode(caption, ref if s.references else None, where)
             assert t.ndim == 3 and t.shape[0] == 1, (caption, t.shape)
             meta = {
                 "source": str(s.reference or s.target),
@@ -648,9 +782,11 @@ def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progr
 
 
 class Loader:
-    """Shuffled batches from one bucket at a time, read from the caches. Yields dicts: target [B,
-    16, h, w] f32; reference [B, 16, h, w] f32 or None (t2i); text [B, L, D]; text_empty [B, L, D]
-    (the empty instruction with the same reference, for caption dropout); bucket (W, H); files [B
+    """Shuffled batches from one bucket and one count of references at a time, read from the caches.
+    Yields dicts: target [B, 16, h, w] f32; reference [B, 16, h, w] f32 for one reference, a list of
+    K of them for K > 1, or None (t2i); text [B, L, D]; text_empty [B, L, D]
+    (the empty instruction with the same reference, for caption dropout); mask [B, N] loss weights per
+    target token, or None (no masked loss); bucket (W, H); files [B
     targets]; first, the place of the batch's first row in the global batch of all ranks.
 
     Epoch e, with a RNG seeded by (seed, e): the samples (each repeats + 1 times) are shuffled
@@ -672,10 +808,11 @@ class Loader:
         assert 0 <= rank < world_size and batch_size >= 1, (rank, world_size, batch_size)
         self.samples, self.batch_size, self.seed = samples, batch_size, seed
         self.rank, self.world = rank, world_size
-        self.groups: dict[tuple[bool, int, int], list[int]] = {}  # (edit?, W, H) -> sample indices
+        # (references, W, H) -> sample indices; 0 and 1 sort as False and True once did
+        self.groups: dict[tuple[int, int, int], list[int]] = {}
         for i, s in enumerate(samples):
             assert s.entries, f"{s.target}: run build_caches on the samples first"
-            self.groups.setdefault((s.reference is not None, *s.bucket), []).append(i)
+            self.groups.setdefault((len(s.references), *s.bucket), []).append(i)
         self.epoch, self.index = 0, 0
         if len(self) == 0:
             sizes = {f"{w}x{h}": len(g) for (_, w, h), g in self.groups.items()}
@@ -721,12 +858,26 @@ class Loader:
             paths = [s.entries[key][v] if key == "texts" else s.entries[key] for s, v in rows]
             return torch.stack([read_entry(p, tensor, shape) for p in paths])
 
-        edit = rows[0][0].reference is not None
+        refs = [
+            torch.stack([read_entry(s.entries["references"][k], "latent", shape) for s, _ in rows])
+            for k in range(len(rows[0][0].references))
+        ]  # K x (B, 16, h, w)
+        mask = None  # a row without a mask weighs 1 everywhere, beside rows with one
+        if any("mask" in s.entries for s, _ in rows):
+            grid = (h // TOKEN_PX, w // TOKEN_PX)
+            masks = [
+                read_entry(s.entries["mask"], "mask", grid)
+                if "mask" in s.entries
+                else torch.ones(grid)
+                for s, _ in rows
+            ]
+            mask = torch.stack(masks).flatten(1)  # (B, h/2 * w/2): the token order of M.pack
         return {
             "target": stack("target", "latent", shape),  # (B, 16, h, w)
-            "reference": stack("reference", "latent", shape) if edit else None,  # (B, 16, h, w)
+            "reference": refs[0] if len(refs) == 1 else refs or None,
             "text": stack("texts", "text"),  # (B, L, D)
             "text_empty": stack("empty", "text"),  # (B, L, D)
+            "mask": mask,  # (B, N) loss weights, or None
             "bucket": (w, h),
             "files": [str(s.target) for s, _ in rows],
         }
@@ -776,12 +927,9 @@ def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, li
             f"model_flavour = {cfg.model_flavour!r}, but {ckpt} is a {flavour} checkpoint"
         )
     cfg.model_flavour = cfg.model_flavour or ("edit" if flavour == "edit" else "final")
-    if wrong := [
-        d.id
-        for d in datasets
-        if d.role != "reference" and (d.role == "edit") != (flavour == "edit")
-    ]:
-        why = "edit sets (with conditioning_data) need LongCat-Image-Edit, t2i sets LongCat-Image"
+    # a t2i set on the edit model trains it as text-to-image (zero references; ai-toolkit#480)
+    if wrong := [d.id for d in datasets if d.role == "edit" and flavour != "edit"]:
+        why = "edit sets (with conditioning_data) need LongCat-Image-Edit"
         raise DataError(
             [f"dataset(s) {', '.join(wrong)} do not fit the {flavour} checkpoint {ckpt}: {why}"]
         )
@@ -805,30 +953,33 @@ def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, li
 
 
 def validation_set(cfg: config.Config, cfg_dir: Path, samples: list, flavour: str) -> list[dict]:
-    """The validation prompts with their references, read as training reads images. An edit's size
-    keeps its reference's aspect ratio at validation_resolution's area (as validate.py does); a t2i
+    """The validation prompts with their references, read as training reads images. Each prompt's
+    validation_reference is a file, a list of files (several references, in order) or "" (none:
+    text-to-image on the edit model). An edit's size keeps its first reference's aspect ratio at
+    validation_resolution's area (as validate.py does), and every reference is resized to it; a t2i
     prompt gets validation_resolution itself."""
     if cfg.validation_steps == 0:
         return []
     width, height = pipeline.parse_size(cfg.validation_resolution, "validation_resolution")
     prompts = cfg.validation_prompt
     refs = cfg.validation_reference
-    if not prompts:  # the first pair of the (edit) dataset
-        prompts = [samples[0].captions[0]]
-        refs = [str(samples[0].reference)] if samples[0].reference else []
+    if not prompts:  # the first sample, the first with references on an edit model
+        first = next((s for s in samples if s.references or flavour != "edit"), samples[0])
+        prompts = [first.captions[0]]
+        refs = [[str(r) for r in first.references]] if first.references else []
     if flavour == "edit" and not refs:
         raise ValueError(
             "validation_prompt is set but validation_reference is not: an edit needs an image"
         )
     val = []
     for i, prompt in enumerate(prompts):
-        ref = None
+        names = config.as_list(refs[i]) if refs else []
+        loaded = [images.load_rgb(cfg_dir / r, key="validation_reference") for r in names]
         size = (width, height)
-        if refs:
-            ref = images.load_rgb(cfg_dir / refs[i], key="validation_reference")
-            size = pipeline.edit_size(*ref.size, area=width * height)
-            ref = ref.resize(size, Image.LANCZOS)
-        val.append({"prompt": prompt, "ref_image": ref, "size": size})
+        if loaded:
+            size = pipeline.edit_size(*loaded[0].size, area=width * height)
+        ref_images = [r.resize(size, Image.LANCZOS) for r in loaded]
+        val.append({"prompt": prompt, "ref_images": ref_images, "size": size})
     return val
 
 
@@ -852,9 +1003,7 @@ def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> pipe
     what = f"caching latents and prompts (buckets up to {w}x{h})"
     with pipeline.explain_oom(what, config.TRAIN_KNOBS, device):
         for v in val:
-            v["ref_latent"] = None
-            if v["ref_image"] is not None:
-                v["ref_latent"] = latent(images.pil_to_tensor(v["ref_image"]))
+            v["ref_latents"] = [latent(images.pil_to_tensor(r)) for r in v["ref_images"]]
         if rank == 0:
             report = build_caches(
                 datasets, latent, text, ident, dtype, te_precision, samples=samples, notes=notes
@@ -866,11 +1015,12 @@ def prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device) -> pipe
             build_caches(
                 datasets, None, None, ident, dtype, te_precision, progress=False, samples=samples
             )
-        for v in val:  # the negative prompt sees the same reference
-            v["txt"] = text(v["prompt"], v["ref_image"], "validation_prompt")
+        for v in val:  # the negative prompt sees the same references
+            refs = v["ref_images"][0] if len(v["ref_images"]) == 1 else v["ref_images"] or None
+            v["txt"] = text(v["prompt"], refs, "validation_prompt")
             v["neg"] = None
             if cfg.validation_guidance > 1:
-                v["neg"] = text(cfg.validation_negative_prompt, v["ref_image"])
+                v["neg"] = text(cfg.validation_negative_prompt, refs)
     models.drop("text_encoder")
     models.park()
     return models

@@ -32,9 +32,11 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -61,6 +63,7 @@ RUN_KEYS = (
     "model_flavour lora_type lora_rank lora_alpha lora_targets train_batch_size "
     "gradient_accumulation_steps seed aspect_bucket_alignment"
 ).split()
+EMA_FILE = "pytorch_lora_weights_ema.safetensors"  # the EMA adapter, shared like the LoRA file
 # --------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -76,20 +79,28 @@ def sample_sigmas(
     return M.static_shift(shift, sigma) if shift > 0 else sigma
 
 
-def flow_loss(transformer, x0, reference, text, sigma, noise) -> torch.Tensor:
+def flow_loss(transformer, x0, reference, text, sigma, noise, mask=None) -> torch.Tensor:
     """Rectified flow on one batch: x_t = (1 - s) x0 + s eps; the model predicts eps - x0 on the
-    target tokens, with the clean reference tokens appended (model.image_sequence). x0, reference,
-    noise [B, 16, h, w] and sigma [B] in float32, text [B, L, D]; inputs cast to the model's dtype,
-    the MSE in float32."""
+    target tokens, with the clean reference tokens appended (model.image_sequence: reference k at
+    modality 2 + k). x0, noise [B, 16, h, w] and sigma [B] in float32; reference None, one [B, 16,
+    h, w] or a list of them; text [B, L, D]; mask None or loss weights [B, N] per target token;
+    inputs cast to the model's dtype, the MSE in float32."""
     s = sigma[:, None, None, None]
     noisy = (1 - s) * x0 + s * noise
-    references = [] if reference is None else [reference]
+    references = (
+        [] if reference is None else reference if isinstance(reference, list) else [reference]
+    )
     tokens, img_ids, txt_ids = M.image_sequence(noisy, references, text.shape[1])
     # an adapter may wrap x_embedder (LyCORIS's whole-model preset): the base layer's dtype
     dtype = getattr(transformer.x_embedder, "base", transformer.x_embedder).weight.dtype
     pred = transformer(tokens.to(dtype), text.to(dtype), sigma.to(dtype), img_ids, txt_ids)
     target = M.pack(noise - x0)  # (B, N, 64)
-    return F.mse_loss(pred[:, : target.shape[1]].float(), target.float())
+    if mask is None:
+        return F.mse_loss(pred[:, : target.shape[1]].float(), target.float())
+    # masked loss: the mask-weighted mean; a token of weight 0 gets exactly no gradient
+    err = (pred[:, : target.shape[1]].float() - target.float()) ** 2  # (B, N, 64)
+    weights = mask.float()[:, :, None].expand_as(err)  # (B, N, 64)
+    return (err * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -125,10 +136,15 @@ def batch_loss(
     text = torch.where(
         drop[:, None, None], batch["text_empty"][rows], batch["text"][rows]
     )  # (b, L, D)
-    ref = None if batch["reference"] is None else batch["reference"][rows].to(device)
-    return flow_loss(
-        transformer, x0.to(device), ref, text.to(device), sigma.to(device), noise.to(device)
-    )
+    ref = batch["reference"]
+    if isinstance(ref, list):  # several references, each (b, 16, h, w)
+        ref = [r[rows].to(device) for r in ref]
+    elif ref is not None:
+        ref = ref[rows].to(device)  # (b, 16, h, w)
+    args = (transformer, x0.to(device), ref, text.to(device), sigma.to(device), noise.to(device))
+    if batch.get("mask") is None:
+        return flow_loss(*args)
+    return flow_loss(*args, mask=batch["mask"][rows].to(device))
 
 
 def lr_factor(step: int, cfg: config.Config) -> float:
@@ -149,11 +165,72 @@ def lr_factor(step: int, cfg: config.Config) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# EMA of the adapter (issue 21): SimpleTuner's use_ema / ema_decay / ema_update_interval, with the
+# decay of diffusers' EMAModel (training_utils.py, get_decay without warmup): the n-th update
+# uses min(ema_decay, n / (9 + n)) after a first update that copies the weights.
+
+
+class AdapterEMA:
+    """A float32 shadow of every trainable tensor, by parameter name, and how many updates made it."""
+
+    def __init__(self, transformer, decay: float, updates: int = 0, shadow: dict | None = None):
+        self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        self.decay, self.updates = decay, updates
+        if shadow is None:
+            shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.shadow = {n: t.to(self.params[n].device) for n, t in shadow.items()}
+        assert self.shadow.keys() == self.params.keys(), sorted(self.shadow.keys() ^ self.params)
+
+    def rate(self) -> float:
+        """The decay of the next update (diffusers' EMAModel: 0, then (1 + s) / (10 + s))."""
+        s = self.updates  # diffusers' optimization_step - 1, before its increment
+        return 0.0 if s == 0 else min(self.decay, (1 + s) / (10 + s))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        keep = self.rate()
+        for name, p in self.params.items():
+            shadow = self.shadow[name]
+            shadow.sub_((1 - keep) * (shadow - p.detach().float()))  # diffusers' arithmetic
+        self.updates += 1
+
+    @contextmanager
+    def applied(self):
+        """The transformer with the EMA weights in place of the trained ones, then restored."""
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+
+@contextmanager
+def showing(transformer, ema: AdapterEMA | None, version: str):
+    """The transformer as validation_show's `version`: base (adapters at 0), trained or ema."""
+    if version == "ema":
+        with ema.applied():
+            yield
+    elif version == "base":
+        lora.set_lora_scale(transformer, 0.0)
+        try:
+            yield
+        finally:
+            lora.set_lora_scale(transformer, 1.0)
+    else:
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: complete and verified, or not used; never mixed across runs; moved aside, never deleted
 
 
 def save_checkpoint(
-    out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict
+    out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict, ema=None
 ) -> Path:
     """checkpoints/step-NNNNNN: the LoRA as trained and as shared, AdamW states, RNG, loader
     position, run identity, and last a manifest of every file's size and sha256. Also refreshes the
@@ -181,6 +258,11 @@ def save_checkpoint(
             "run": run,
             "config": dataclasses.asdict(cfg),
         }
+        if ema is not None:  # the shadow as kept, and as shared (the LoRA file's format)
+            save_file({n: t.cpu() for n, t in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+            state["ema_updates"] = ema.updates
+            with ema.applied():
+                lora.save_lora(tmp / EMA_FILE, transformer, metadata={"step": step})
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
         listing = {
             f.name: {"bytes": f.stat().st_size, "sha256": files.file_digest(f)}
@@ -192,6 +274,8 @@ def save_checkpoint(
     rotate_checkpoints(out, cfg.checkpoints_total_limit, run)
     shared = out / "pytorch_lora_weights.safetensors"
     files.write_atomic(shared, lambda tmp: shutil.copyfile(final / shared.name, tmp), "the LoRA ")
+    if ema is not None:
+        files.write_atomic(out / EMA_FILE, partial(shutil.copyfile, final / EMA_FILE), "the EMA ")
     return final
 
 
@@ -270,7 +354,15 @@ def validation_grids(out: Path) -> list[tuple[Path, int]]:
 
 
 # What a run writes beside its checkpoints; an earlier run's copies are kept when it is superseded.
-HISTORY = ("loss.jsonl", "loss.png", "config.json", "run.json", "pytorch_lora_weights.safetensors")
+HISTORY = (
+    "loss.jsonl",
+    "loss.png",
+    "config.json",
+    "run.json",
+    "data.json",
+    "pytorch_lora_weights.safetensors",
+    EMA_FILE,
+)
 
 
 def supersede(out: Path, step: int) -> Path | None:
@@ -388,6 +480,20 @@ def load_checkpoint(path: Path, transformer, loader) -> tuple[int, dict]:
     return state["step"], load_file(str(path / "optimizer.safetensors"))
 
 
+def load_ema(path: Path | None, transformer, cfg: config.Config) -> AdapterEMA | None:
+    """The EMA (use_ema): a checkpoint's shadow and update count, or a fresh one from the weights in
+    place (a new run, or a checkpoint written without use_ema: said so)."""
+    if not cfg.use_ema:
+        return None
+    if path is not None and (path / "ema.safetensors").exists():
+        updates = json.loads((path / "state.json").read_text())["ema_updates"]
+        shadow = load_file(str(path / "ema.safetensors"))
+        return AdapterEMA(transformer, cfg.ema_decay, updates, shadow)
+    if path is not None:
+        print(f"warning: {path} has no EMA (written without use_ema): it starts from these weights")
+    return AdapterEMA(transformer, cfg.ema_decay)
+
+
 class OutputLock:
     """output_dir/.lock, held (flock) for the whole run: a second run on the folder stops at once,
     naming the first. The kernel releases the lock when its process dies, so a killed run's lock is
@@ -443,10 +549,65 @@ def start_over(out: Path, run: dict, cfg: config.Config) -> None:
         "loss.jsonl",
         "loss.png",
         "pytorch_lora_weights.safetensors",
+        EMA_FILE,
         "run.json",
         "config.json",
+        "data.json",
+        "logs",
     ]
     files.move_aside([out / n for n in names if (out / n).exists()], "old")
+
+
+class Tracker:
+    """report_to (SimpleTuner's key; rank 0 only): "tensorboard" writes event files under
+    output_dir/logs/<tracker_project_name>/<tracker_run_name>; "wandb" starts a run as WANDB_MODE
+    and the user's own wandb settings say (never a login); "none" (the default) sends nothing
+    anywhere. Scalars go as train/loss, train/lr, train/grad_norm; grids as validation."""
+
+    def __init__(self, cfg: config.Config, out: Path):
+        self.kind, self.writer, self.run = cfg.report_to, None, None
+        name = cfg.tracker_run_name or out.name
+        if self.kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(
+                    "report_to = 'tensorboard' needs its package: pip install tensorboard"
+                ) from None
+            self.writer = SummaryWriter(str(out / "logs" / cfg.tracker_project_name / name))
+        elif self.kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(
+                    "report_to = 'wandb' needs its package: pip install wandb"
+                ) from None
+            config_ = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+            self.run = wandb.init(
+                project=cfg.tracker_project_name, name=name, dir=str(out), config=config_
+            )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def image(self, step: int, grid) -> None:
+        if self.writer is not None:
+            pixels = np.array(grid.convert("RGB"))  # (H, W, 3) uint8
+            self.writer.add_image("validation", pixels, step, dataformats="HWC")
+        if self.run is not None:
+            import wandb
+
+            self.run.log({"validation": wandb.Image(grid)}, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
 
 
 class LossLog:
@@ -622,10 +783,18 @@ def train_step(
 
 
 def run_validation(
-    transformer, models: pipeline.Models, val: list, cfg: config.Config, step: int, out: Path
-) -> None:
+    transformer,
+    models: pipeline.Models,
+    val: list,
+    cfg: config.Config,
+    step: int,
+    out: Path,
+    ema: AdapterEMA | None = None,
+):
     """validation/step-NNNNNN.png: each prompt sampled from validation_seed (the training RNG
-    untouched), one captioned row per prompt: reference | previews | result."""
+    untouched), one captioned row per prompt: references | previews | result, for each version in
+    validation_show (base, trained, ema) side by side, labelled when more than one. Returns the
+    grid (a PIL image)."""
     vae = models.vae()
     rows = []
     transformer.eval()
@@ -638,19 +807,21 @@ def run_validation(
             negative=cfg.validation_negative_prompt,
             preview_every=cfg.validation_preview_steps,
         )
-        refs = []
-        if v["ref_latent"] is not None:
-            refs = [v["ref_latent"].to(models.device)]
-        with pipeline.explain_oom(f"validation at step {step}", config.TRAIN_KNOBS, models.device):
-            image, previews = pipeline.generate(
-                transformer, vae, v["txt"], v["neg"], models.sched, s, refs, progress=False
-            )
+        refs = [r.to(models.device) for r in v["ref_latents"]]
         row = []
-        if v["ref_image"] is not None:
-            row.append(("reference", v["ref_image"]))
-        for k, preview in previews:
-            row.append((f"sampler step {k}", preview))
-        row.append(("result", image))
+        for k, ref_image in enumerate(v["ref_images"]):
+            row.append(("reference" if len(refs) == 1 else f"reference {k + 1}", ref_image))
+        for version in cfg.validation_show:
+            label = "" if cfg.validation_show == ["trained"] else f"{version}: "
+            where = f"validation at step {step}"
+            with pipeline.explain_oom(where, config.TRAIN_KNOBS, models.device):
+                with showing(transformer, ema, version):
+                    image, previews = pipeline.generate(
+                        transformer, vae, v["txt"], v["neg"], models.sched, s, refs, progress=False
+                    )
+            for k, preview in previews:
+                row.append((f"{label}sampler step {k}", preview))
+            row.append((f"{label}result" if label else "result", image))
         caption = f"{v['prompt']}  |  training step {step}, seed {s.seed}, guidance {s.guidance}"
         rows.append((caption, row))
     transformer.train()
@@ -658,6 +829,7 @@ def run_validation(
     grid = images.validation_grid(rows)
     path = out / "validation" / f"step-{step:06d}.png"
     files.write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"), "the validation grid ")
+    return grid
 
 
 def stop_non_finite(
@@ -765,6 +937,7 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
     manifest = data.data_manifest(datasets, samples)
     with OutputLock(out) if rank == 0 else nullcontext():
         resume = claim_output_dir(out, run, cfg, rank, manifest)
+        tracker = Tracker(cfg, out) if rank == 0 else None  # a missing package stops the run here
         models = data.prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
         transformer, params = build_transformer(cfg, ckpt, device)
         per_gpu = cfg.train_batch_size * cfg.gradient_accumulation_steps
@@ -774,6 +947,7 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
         if resume is not None:
             step, states = load_checkpoint(resume, transformer, loader)
         opt = build_optimizer(cfg, transformer, params, states)
+        ema = load_ema(resume, transformer, cfg)
         max_steps = cfg.max_train_steps
         if cfg.num_train_epochs:
             max_steps = min(max_steps, cfg.num_train_epochs * len(loader))
@@ -783,7 +957,7 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
             log = begin_log(out, run, cfg, step, resume, note)
             record_data(out, manifest, step)
         if rank == 0 and val and step == 0:
-            run_validation(transformer, models, val, cfg, 0, out)
+            tracker.image(0, run_validation(transformer, models, val, cfg, 0, out, ema))
         bar = tqdm(
             total=max_steps, initial=step, desc="training", disable=rank != 0, file=sys.stdout
         )
@@ -807,16 +981,22 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
                 group["lr"] = lr
             opt.step()
             step += 1
+            if ema is not None and step % cfg.ema_update_interval == 0:
+                ema.update()
             if rank == 0:
                 log.add({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
+                tracker.scalars(step, {"loss": loss, "lr": lr, "grad_norm": norm})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 bar.update()
                 if step % cfg.checkpointing_steps == 0 or step == max_steps:
-                    last = save_checkpoint(out, step, transformer, opt, loader, cfg, run)
+                    last = save_checkpoint(out, step, transformer, opt, loader, cfg, run, ema)
                     images.plot_losses(log.rows(), out / "loss.png")
                 if val and (step % cfg.validation_steps == 0 or step == max_steps):
-                    run_validation(transformer, models, val, cfg, step, out)
+                    grid = run_validation(transformer, models, val, cfg, step, out, ema)
+                    tracker.image(step, grid)
         bar.close()
+        if tracker is not None:
+            tracker.close()
     finish_distributed()
     if rank == 0:
         print(

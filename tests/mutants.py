@@ -247,8 +247,8 @@ MUTANTS = [
     ),
     Mutant(
         "train.py",
-        'ref = None if batch["reference"] is None else',
-        'ref = None if batch["reference"] is None or drop.any() else',
+        'ref = batch["reference"]',
+        'ref = None if drop.any() else batch["reference"]',
         (DROPOUT,),
         "caption dropout also drops the reference",
     ),

@@ -50,11 +50,13 @@ class Encoders:
         assert x.dtype == torch.float32 and x.shape[:2] == (1, 3) and -1 <= x.min() and x.max() <= 1
         return F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]  # (1, 16, H/8, W/8)
 
-    def text(self, prompt: str, ref: Image.Image | None, where: str = "") -> torch.Tensor:
+    def text(self, prompt: str, ref, where: str = "") -> torch.Tensor:
+        """ref: None, one image or a list of them (several references)."""
         self.text_calls += 1
-        key = prompt.encode() + (ref.tobytes() + bytes(str(ref.size), "ascii") if ref else b"")
+        refs = [] if ref is None else ref if isinstance(ref, list) else [ref]
+        key = prompt.encode() + b"".join(r.tobytes() + bytes(str(r.size), "ascii") for r in refs)
         g = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:8], 16))
-        length = 4 if ref is None else 4 + ref.width * ref.height // 512
+        length = 4 + sum(r.width * r.height // 512 for r in refs)
         return torch.randn(1, length, 8, generator=g)
 
 
@@ -151,8 +153,11 @@ def test_pairs_take_the_target_bucket_and_references_fit_it_without_swapping(tmp
     assert buckets["square.webp"] == (RES, RES)
     for s in report.samples:
         w, h = s.bucket
-        for key in ("target", "reference"):
-            z = data.load_file(s.entries[key])["latent"]
+        for key, path in (
+            ("target", s.entries["target"]),
+            ("reference", s.entries["references"][0]),
+        ):
+            z = data.load_file(path)["latent"]
             assert z.shape == (16, h // 8, w // 8) and z.dtype == torch.float32, (
                 key,
                 z.shape,
@@ -259,16 +264,31 @@ def test_oversized_images_are_refused_before_decoding(tmp_path, size):
 # Config and pairing errors
 
 
-def test_all_orphans_are_listed_in_one_message(tmp_path):
+def test_targets_without_a_reference_train_as_text_to_image_and_are_listed_in_one_note(tmp_path):
+    """An edit set's target with no reference of its name trains with zero references (ai-toolkit
+    #480), named in one note. Catches: an orphan dropped, or given another file's reference."""
     cfg = edit_config(
         tmp_path,
         {"a.png": (64, 64), "b.png": (64, 64), "c.png": (64, 64), "d.png": (64, 64)},
         {"b.jpg": (64, 64)},
     )
+    notes = []
+    samples = data.scan(parse(cfg, tmp_path), notes)
+    refs = {s.target.name: [r.name for r in s.references] for s in samples}
+    assert refs == {"a.png": [], "b.png": ["b.jpg"], "c.png": [], "d.png": []}, refs
+    (line,) = [n for n in notes if "no reference" in n]
+    assert all(n in line for n in ("a.png", "c.png", "d.png")) and "b.png" not in line, line
+    assert line.endswith("trained as text-to-image"), line
+
+
+def test_an_edit_set_with_no_reference_at_all_is_an_error_naming_every_target(tmp_path):
+    """Every target unpaired is a wrong folder, not a text-to-image mix. Catches: the run going on
+    as text-to-image."""
+    cfg = edit_config(tmp_path, {"a.png": (64, 64), "c.png": (64, 64)}, {"b.jpg": (64, 64)})
     with pytest.raises(data.DataError) as e:
         data.scan(parse(cfg, tmp_path))
     (line,) = e.value.problems
-    assert all(n in line for n in ("a.png", "c.png", "d.png")) and "b.png" not in line, line
+    assert "a.png" in line and "c.png" in line and "no reference of the same name" in line, line
 
 
 def test_all_missing_captions_are_listed(tmp_path):
@@ -445,7 +465,7 @@ def test_dataset_folders_are_never_written(tmp_path):
 def test_entries_carry_their_source_and_bucket(tmp_path):
     report, _ = build(edit_config(tmp_path, {"wide.png": (120, 60)}), tmp_path)
     s = report.samples[0]
-    with safe_open(s.entries["reference"], "pt") as f:
+    with safe_open(s.entries["references"][0], "pt") as f:
         meta = f.metadata()
     assert meta["source"].endswith("ref/wide.png") and meta["bucket"] == "96x48"
 
@@ -550,8 +570,10 @@ def write_toml(tmp_path: Path, cfg: list[dict], extra: str = "") -> Path:
 @pytest.mark.parametrize("problem", ["orphan", "truncated", "unknown key", "bad toml"])
 def test_cli_reports_problems_in_one_line_each(tmp_path, capsys, problem):
     cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)})
-    if problem == "orphan":
+    if problem == "orphan":  # every target without its reference
+        (tmp_path / "ref/a.png").unlink()
         (tmp_path / "ref/b.png").unlink()
+        save_image(tmp_path / "ref/c.png", (64, 64))
     if problem == "truncated":
         blob = (tmp_path / "ref/a.png").read_bytes()
         (tmp_path / "ref/a.png").write_bytes(blob[:-200])
@@ -577,8 +599,7 @@ def test_cli_reports_problems_in_one_line_each(tmp_path, capsys, problem):
 
 
 def test_cli_process_exits_non_zero_without_a_traceback(tmp_path):
-    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)})
-    (tmp_path / "ref/b.png").unlink()
+    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64)}, {"c.png": (64, 64)})
     proc = run_script(ROOT / "data.py", write_toml(tmp_path, cfg), check=False)
     assert_one_line_error(proc, "b.png")
 
