@@ -495,7 +495,53 @@ def scan(datasets: list[DatasetConfig], notes: list[str] | None = None) -> list[
         s.reference_hashes = [info[r][0] for r in s.references]
         s.mask_hash = info[s.mask][0] if s.mask else ""
         s.bucket = nearest_bucket(s.size, make_buckets(ds.resolution, ds.alignment))
+    notes.extend(cut_notes(samples, {p: v[1] for p, v in info.items()}))
     return samples
+
+
+# A crop that keeps less of an image than this, or a resize by more than this factor between a
+# reference and its target, is reported: beyond it the model trains on something else than the file.
+KEPT_AT_LEAST = 0.8
+RESIZED_AT_MOST = 2.0
+
+
+def kept_share(size: tuple[int, int], bucket: tuple[int, int]) -> float:
+    """The share of an image of `size` that a cover-and-centre-crop into `bucket` keeps."""
+    w, h = size
+    bw, bh = bucket
+    scale = max(bw / w, bh / h)  # cover: the smaller side fills the bucket
+    return (bw * bh) / (w * scale * h * scale)
+
+
+def cut_notes(samples: list[Sample], sizes: dict[Path, tuple[int, int]]) -> list[str]:
+    """One line per image that its bucket crops beyond KEPT_AT_LEAST (an extreme aspect ratio),
+    and per reference whose shape differs from its target's enough to be cropped beyond it or
+    scaled by more than RESIZED_AT_MOST, naming the file."""
+    notes = []
+    for s in samples:
+        share = kept_share(s.size, s.bucket)
+        if share < KEPT_AT_LEAST:
+            w, h = s.size
+            bw, bh = s.bucket
+            notes.append(
+                f"{s.target}: {w}x{h} is cropped to its {bw}x{bh} bucket, keeping "
+                f"{share:.0%} of it (the aspect ratios of buckets run from 1:2 to 2:1)"
+            )
+        tw, th = s.size
+        bw, bh = s.bucket
+        target_scale = max(bw / tw, bh / th)
+        for ref in s.references:
+            w, h = sizes[ref]
+            share = kept_share((w, h), s.bucket)
+            # how much more (or less) the reference is scaled than its target
+            factor = max(bw / w, bh / h) / target_scale
+            if share < KEPT_AT_LEAST or max(factor, 1 / factor) > RESIZED_AT_MOST:
+                notes.append(
+                    f"{ref}: the reference is {w}x{h} but its target {s.target.name} is {tw}x{th};"
+                    f" fitted to the {bw}x{bh} bucket it keeps {share:.0%} of itself and is "
+                    f"scaled {factor:.2g}x as much as the target"
+                )
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1056,13 +1102,14 @@ if __name__ == "__main__":
 def data_manifest(
     datasets: list[DatasetConfig], samples: list[Sample]
 ) -> dict[str, dict[str, str]]:
-    """{dataset id: {pair name: digest}}: each pair by its path inside the dataset's folder, its
-    digest over the images' content and the captions. Two scans of unchanged data give the same."""
+    """{dataset id: {pair name: digest}}: each sample by its target's path inside the dataset's
+    folder, its digest over the content of its images (target, references, mask) and its captions.
+    Two scans of unchanged data give the same."""
     folders = {ds.id: ds.instance_data_dir for ds in datasets}
     manifest: dict[str, dict[str, str]] = {}
     for s in samples:
         name = s.target.relative_to(folders[s.dataset]).with_suffix("").as_posix()
-        content = json.dumps([s.target_hash, s.reference_hash, s.captions])
+        content = json.dumps([s.target_hash, s.reference_hashes, s.mask_hash, s.captions])
         manifest.setdefault(s.dataset, {})[name] = hashlib.sha256(content.encode()).hexdigest()
     return manifest
 

@@ -731,3 +731,18 @@ def test_every_latent_is_encoded_before_any_text(tmp_path):
         parse(edit_config(tmp_path, MIXED), tmp_path), latents, text, "m", "float32", progress=False
     )
     assert order == sorted(order) and order.count("latent") == 6 and order.count("text") == 9, order
+
+
+def test_images_cut_beyond_a_fifth_or_scaled_unlike_their_target_are_named(tmp_path):
+    """A 64x1024 target keeps a fraction of itself in the 1:2 bucket; a reference of another shape
+    (1x1 upscaled, or a wide one for a tall target) is named too; same-shaped pairs are not."""
+    targets = {"tall.png": (32, 512), "fine.png": (64, 64), "tiny_ref.png": (64, 64)}
+    refs = {"tall.png": (32, 512), "fine.png": (64, 64), "tiny_ref.png": (1, 1)}
+    notes = []
+    data.scan(parse(edit_config(tmp_path, targets, refs), tmp_path), notes)
+    text = "\n".join(notes)
+    # 32x512 (1:16) covered into a 1:2 bucket keeps 2/16 = 12.5 % of itself
+    assert f"{tmp_path / 'edit/tall.png'}: 32x512 is cropped to its" in text, text
+    assert "keeping 12% of it" in text or "keeping 13% of it" in text, text
+    assert f"{tmp_path / 'ref/tiny_ref.png'}: the reference is 1x1" in text, text
+    assert "fine.png" not in text, text
