@@ -283,7 +283,7 @@ def rng_states(transformer) -> dict[str, torch.Tensor]:
     """The random states a resume must restore: the CPU generator's and, on a GPU, the generator of
     the device the LoRA lives on (lora_dropout draws there)."""
     states = {"torch": torch.get_rng_state()}
-    device = transformer.x_embedder.weight.device
+    device = next(transformer.parameters()).device  # x_embedder, never offloaded
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
@@ -291,7 +291,7 @@ def rng_states(transformer) -> dict[str, torch.Tensor]:
 
 def restore_rng_states(states: dict[str, torch.Tensor], transformer) -> None:
     torch.set_rng_state(states["torch"])
-    device = transformer.x_embedder.weight.device
+    device = next(transformer.parameters()).device  # x_embedder, never offloaded
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
 
