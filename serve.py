@@ -28,6 +28,7 @@ import io
 import ipaddress
 import json
 import math
+import os
 import socket
 import sys
 import threading
@@ -176,7 +177,13 @@ def host_allowed(header: str | None, bound: str) -> bool:
 
 class EditServer(ThreadingHTTPServer):
     """The HTTP server holding what every request shares: render, the defaults, the
-    one-edit-at-a-time lock and the progress of the running edit."""
+    one-edit-at-a-time lock and the progress of the running edit.
+
+    Its request threads are not daemons, and server_close() stops and joins them all: a daemon
+    thread still in torch when Python exits (an edit cancelled by Ctrl-C unwinding its tensors)
+    aborted the process ("terminate called without an active exception", rc 134)."""
+
+    daemon_threads = False
 
     def __init__(self, address, render: Render, settings: Settings, flavour: str, max_upload: int):
         super().__init__(address, Handler)
@@ -189,6 +196,8 @@ class EditServer(ThreadingHTTPServer):
         self.page = page(settings, flavour).encode()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.connections = set()  # open sockets, so that stopping can end their idle reads
+        self.connections_lock = threading.Lock()
         # replaced whole, never mutated, so a poll reads a consistent snapshot without a lock
         self.progress = {"busy": False, "step": 0, "steps": 0, "preview": None}
 
@@ -199,6 +208,19 @@ class EditServer(ThreadingHTTPServer):
         if preview is not None:
             url = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
         self.progress = {"busy": True, "step": step, "steps": steps, "preview": url}
+
+    def server_close(self) -> None:
+        """Stop: the running edit ends at its next sampler step, connections waiting for their
+        next request (keep-alive, the page's polls) read end-of-file at once, and every request
+        thread is joined before this returns."""
+        self.stopping.set()
+        with self.connections_lock:
+            for connection in self.connections:
+                try:  # reading ends, writing does not: the cancelled edit still gets its 503
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:  # the client is already gone
+                    pass
+        super().server_close()
 
     def handle_error(self, request, client_address: tuple) -> None:
         # a client that hangs up mid-reply is not worth a traceback
@@ -211,6 +233,16 @@ class Handler(BaseHTTPRequestHandler):
         "HTTP/1.1"  # keep-alive for the polls; 100-continue lets curl learn of a 413 first
     )
     timeout = 120  # seconds a stalled client may hold its thread
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
 
     def refuse_foreign_host(self) -> bool:
         """Answer 403 to a request whose Host is not this server's (see host_allowed)."""
@@ -387,17 +419,16 @@ def serve(
         print(f"serving the {flavour} page on {url}{where}; Ctrl-C stops", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
-        # Handler threads are daemons: exiting while one runs torch kernels aborts the process
-        # ("terminate called without an active exception"). Stop the running edit at its next
-        # sampler step and wait for it, then exit normally.
-        server.stopping.set()
         if server.lock.locked():
             print("stopping: the running edit ends at its next step", flush=True)
-        server.lock.acquire()
-        server.lock.release()
+        try:
+            server.server_close()  # waits for the edit and every other request
+        except KeyboardInterrupt:  # a second Ctrl-C: leave now, without Python's shutdown
+            print("stopped without waiting for the running edit", flush=True)
+            os._exit(130)
         print("stopped")
     finally:
-        server.server_close()
+        server.server_close()  # a second call only joins threads that have already ended
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A mutation check of the training recipe and its guards (issue 22, item 3), like mutmut's.
+"""A mutation check of the training recipe, its guards and the web server's stop, like mutmut's.
 
 Each mutant is one seeded fault: a piece of one line of a file (found there exactly once) and what
 it becomes. The repository's files (tracked, and untracked but not ignored) are copied into a
@@ -50,6 +50,9 @@ DROPOUT = f"{GUARDS}::test_caption_dropout_drops_as_often_as_configured_and_keep
 RNG = f"{GUARDS}::test_a_resume_with_lora_dropout_is_exact_and_depends_on_the_restored_rng"
 WARMUP = f"{GUARDS}::test_warmup_starts_at_lr_over_warmup_steps_and_reaches_lr_on_its_last_step"
 LR = f"{GUARDS}::test_lr_factor_warmup_and_decay_end_values"
+STOP = (
+    "tests/test_serve.py::test_closing_the_server_cancels_the_edit_and_joins_every_request_thread"
+)
 PREFETCH = (
     "tests/test_offload.py::"
     "test_training_prefetches_the_next_block_forward_and_the_previous_one_backward"
@@ -375,6 +378,28 @@ MUTANTS = [
         "offload.fetch(i, ahead=i + 1)",
         (PREFETCH,),
         "offload prefetch always assumes forward",
+    ),
+    # the web server's stop (Ctrl-C)
+    Mutant(
+        "serve.py",
+        "    daemon_threads = False",
+        "    daemon_threads = True",
+        (STOP,),
+        "request threads are daemons: exit does not wait for the cancelled edit",
+    ),
+    Mutant(
+        "serve.py",
+        "connection.shutdown(socket.SHUT_RD)",
+        "pass",
+        (STOP,),
+        "an idle keep-alive connection holds the stop for its 120 s timeout",
+    ),
+    Mutant(
+        "serve.py",
+        "        self.stopping.set()",
+        "        pass",
+        (STOP,),
+        "stopping does not cancel the running edit",
     ),
 ]
 

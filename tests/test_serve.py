@@ -3,10 +3,15 @@ with urllib as a script would; the PNG it sends is the one validate.py writes.""
 
 import base64
 import functools
+import http.client
 import io
 import json
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,7 +21,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import validate_cli
+from conftest import ROOT, validate_cli
 from PIL import Image
 
 import pipeline
@@ -336,6 +341,91 @@ def test_a_cross_site_fetch_is_refused_even_without_an_origin(server):
     headers = {"Content-Type": content_type, "Sec-Fetch-Site": "cross-site"}
     status, _, reply = request(server, "/api/edit", body, headers)
     assert status == 403, (status, reply)
+
+
+def slow_render(prompt, ref, s, on_step=None, progress=True, on_warning=None):
+    """A render that samples for minutes unless on_step stops it."""
+    for step in range(1, 10_000):
+        on_step(step, 10_000, None)
+        time.sleep(0.01)
+    return Image.new("RGB", (32, 32)), []
+
+
+def test_closing_the_server_cancels_the_edit_and_joins_every_request_thread():
+    """A request thread still in torch when Python exits aborted the process on Ctrl-C (rc 134):
+    server_close() ends the running edit at its next step, ends idle keep-alive connections at
+    once (not after the 120 s socket timeout) and returns only when no request thread is left."""
+    server = serve.make_server(slow_render, pipeline.Settings(size=(32, 32)), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    idle = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    idle.request("GET", "/api/progress")  # a poll on a kept-alive connection, as a browser does
+    assert idle.getresponse().read()
+    answer = {}
+    client = threading.Thread(
+        target=lambda: answer.update(status=post(server, image=png(), prompt=PROMPT)[0])
+    )
+    client.start()
+    deadline = time.time() + 30
+    while get_progress(server)["step"] < 1:
+        assert time.time() < deadline, "the edit never started"
+        time.sleep(0.02)
+    server.shutdown()
+    start = time.time()
+    server.server_close()
+    took = time.time() - start
+    alive = [t.name for t in threading.enumerate() if "process_request" in t.name]
+    client.join(timeout=30)
+    idle.close()
+    assert not alive, alive
+    assert took < 20, f"server_close took {took:.0f} s"
+    assert answer == {"status": 503}, answer
+
+
+@pytest.mark.parametrize("when", ["before sampling", "while sampling"])
+def test_ctrl_c_during_an_edit_stops_cleanly(tiny_edit, when):
+    """SIGINT while an edit runs: the edit is cancelled at its next step, the process says it
+    stopped and exits by itself (it used to abort in about half the tries: rc 134, 'terminate
+    called without an active exception')."""
+    port = free_port()
+    cmd = [sys.executable, ROOT / "validate.py", "--serve", "--model", tiny_edit]
+    cmd += ["--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # an abort shows the threads' stacks
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_port(port, proc)
+        body, content_type = form(image=png((256, 256)), prompt=PROMPT, steps=400)
+        url = f"http://127.0.0.1:{port}/api/edit"
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+        answer = {}
+
+        def send() -> None:
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    answer["status"] = r.status
+            except urllib.error.HTTPError as e:
+                answer["status"] = e.code
+            except OSError as e:
+                answer["error"] = e
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        deadline = time.time() + 120
+        while True:  # wait until the edit holds the server (and, for one case, samples)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/progress", timeout=10) as r:
+                progress = json.loads(r.read())
+            if progress["busy"] and (when == "before sampling" or progress["step"] >= 1):
+                break
+            assert time.time() < deadline, f"the edit never started: {progress}"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        thread.join(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (proc.returncode, err[-2000:])
+    assert "terminate called" not in err and "Traceback" not in err, err[-2000:]
+    assert "stopped" in out, out
+    assert answer.get("status") == 503 or "error" in answer, answer
 
 
 def free_port() -> int:
