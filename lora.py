@@ -153,37 +153,28 @@ def _add_to_base(base: nn.Module, delta: torch.Tensor) -> None:
         )
 
 
-class LoRALinear(nn.Module):
-    """`base(x) + multiplier * alpha / rank * lora_B(lora_A(dropout(x)))` around a frozen base."""
+def _device(base: nn.Module) -> torch.device:
+    """Where the base layer's weight is (a QuantLinear keeps its weight in buffers)."""
+    return next(t for t in [*base.parameters(), *base.buffers()]).device
 
-    def __init__(
-        self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32
-    ):
+
+class Adapter(nn.Module):
+    """What LoRA and LoKr layers share (loralib's LoRALayer): a frozen `base` linear, the
+    multiplier (set_lora_scale) and merging `scale * multiplier * delta()` into the base weight.
+    A subclass sets `scale` and defines forward() and delta()."""
+
+    def __init__(self, base: nn.Module, rank: int | None, alpha: float):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
         self.in_features, self.out_features = base.in_features, base.out_features
-        device = next(t for t in [*base.parameters(), *base.buffers()]).device
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale = alpha / rank
+        self.scale = 1.0
         self.multiplier = 1.0
         self.merged = False
         self.merged_factor = 0.0  # the scale * multiplier merge() added, for unmerge() to remove
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged or self.multiplier == 0:
-            return y
-        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        # the update rounded as peft rounds it (scaled, then added): outputs match diffusers in bf16
-        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * (self.scale * self.multiplier)
-
     def delta(self) -> torch.Tensor:
-        """B @ A (out, in) in float32, unscaled."""
-        return self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()
+        """The update (out, in) in float32, unscaled."""
+        raise NotImplementedError
 
     def merge(self) -> None:
         """Add the update into the base weight (in float32, then cast or requantize); idempotent."""
@@ -197,6 +188,34 @@ class LoRALinear(nn.Module):
         if self.merged:
             _add_to_base(self.base, -self.merged_factor * self.delta())
             self.merged = False
+
+
+class LoRALinear(Adapter):
+    """`base(x) + multiplier * alpha / rank * lora_B(lora_A(dropout(x)))` around a frozen base."""
+
+    def __init__(
+        self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32
+    ):
+        super().__init__(base, rank, alpha)
+        device = _device(base)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged or self.multiplier == 0:
+            return y
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        # the update rounded as peft rounds it (scaled, then added): outputs match diffusers in bf16
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * (self.scale * self.multiplier)
+
+    def delta(self) -> torch.Tensor:
+        """B @ A (out, in) in float32, unscaled."""
+        return self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -213,7 +232,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return min(m, dim // m), max(m, dim // m)
 
 
-class LoKrLinear(nn.Module):
+class LoKrLinear(Adapter):
     """`base(x) + multiplier * scale * (lokr_w1 ⊗ w2) x` around a frozen base (LyCORIS LoKr), where
     w2 is `lokr_w2` when rank is None, else `lokr_w2_a @ lokr_w2_b`."""
 
@@ -226,12 +245,10 @@ class LoKrLinear(nn.Module):
         alpha: float,
         dtype=torch.float32,
     ):
-        super().__init__()
+        super().__init__(base, rank, alpha)
         (a, c), (b, d) = w1_shape, w2_shape
         assert (a * b, c * d) == (base.out_features, base.in_features), (w1_shape, w2_shape, base)
-        self.base, self.rank, self.alpha = base, rank, alpha
-        self.in_features, self.out_features = base.in_features, base.out_features
-        device = next(t for t in [*base.parameters(), *base.buffers()]).device
+        device = _device(base)
         # LyCORIS's order and init (LokrModule.__init__): the w2 side first, and the factor that
         # multiplies every product, w2 or w2_b, at zero, so the update starts at 0
         if rank is None:
@@ -243,9 +260,6 @@ class LoKrLinear(nn.Module):
         self.lokr_w1 = nn.Parameter(torch.empty(a, c, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
         self.scale = 1.0 if rank is None else alpha / rank  # LyCORIS: a whole w2 ignores alpha
-        self.multiplier = 1.0
-        self.merged = False
-        self.merged_factor = 0.0  # the scale * multiplier merge() added, for unmerge() to remove
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -269,19 +283,6 @@ class LoKrLinear(nn.Module):
             return torch.kron(w1, self.lokr_w2.detach().float())
         return torch.kron(w1, self.lokr_w2_a.detach().float() @ self.lokr_w2_b.detach().float())
 
-    def merge(self) -> None:
-        """Add the update into the base weight (in float32, then cast or requantize); idempotent."""
-        if not self.merged:
-            self.merged_factor = self.scale * self.multiplier
-            _add_to_base(self.base, self.merged_factor * self.delta())
-            self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract what merge() added (exact up to rounding / requantization); idempotent."""
-        if self.merged:
-            _add_to_base(self.base, -self.merged_factor * self.delta())
-            self.merged = False
-
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
@@ -296,8 +297,8 @@ def _lokr_layers(model: nn.Module) -> dict[str, LoKrLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoKrLinear)}
 
 
-def _adapters(model: nn.Module) -> dict[str, LoRALinear | LoKrLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoKrLinear))}
+def _adapters(model: nn.Module) -> dict[str, Adapter]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
 
 
 def _targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> list[str]:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, train_cli
+from conftest import train_cli
 from safetensors.torch import load_file
+from test_train import write_config as train_config
 
 import config
 import train
-
-EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -29,35 +28,9 @@ def cache(tmp_path_factory) -> Path:
 
 
 def write_config(folder: Path, ckpt: Path, cache: Path, **keys) -> Path:
-    """A training config in `folder` (output there) on the bundled example pairs."""
-    base = dict(
-        pretrained_model_name_or_path=str(ckpt),
-        base_model_precision="no_change",
-        lora_rank=4,
-        lora_alpha=8,
-        learning_rate=1e-3,
-        max_train_steps=4,
-        checkpointing_steps=2,
-        validation_steps=0,
-        output_dir=str(folder / "out"),
-        seed=3,
-        aspect_bucket_alignment=32,
-        mixed_precision="no",
-    )
-    base.update(keys)
-    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
-    lines += [
-        '\n[[datasets]]\nid = "edit"',
-        f'instance_data_dir = "{EXAMPLES}/edit"',
-        'caption_strategy = "textfile"\nresolution = 128\nconditioning_data = ["ref"]',
-        f'cache_dir_vae = "{cache}/edit"',
-        '\n[[datasets]]\nid = "ref"',
-        f'instance_data_dir = "{EXAMPLES}/ref"',
-        f'cache_dir_vae = "{cache}/ref"',
-    ]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text("\n".join(lines) + "\n")
-    return folder / "config.toml"
+    """test_train's config with shorter runs (4 steps, a checkpoint every 2) and one shared cache."""
+    keys = {"max_train_steps": 4, "checkpointing_steps": 2, **keys}
+    return Path(train_config(folder, ckpt, cache=cache, **keys))
 
 
 def lora_file(out: Path, name: str = "pytorch_lora_weights.safetensors") -> dict:

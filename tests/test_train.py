@@ -33,9 +33,10 @@ import train
 EXAMPLES = ROOT / "examples"
 
 
-def write_config(folder: Path, ckpt, pairs=EXAMPLES, **keys) -> str:
-    """A training config in `folder` on the example pairs (or a copy of some), caches inside
-    `folder`."""
+def write_config(folder: Path, ckpt, pairs=EXAMPLES, cache: Path | None = None, **keys) -> str:
+    """A training config in `folder` on the example pairs (or a copy of some), caches in `cache`
+    (default: inside `folder`)."""
+    cache = cache or folder / "cache"
     base = dict(
         pretrained_model_name_or_path=str(ckpt),
         base_model_precision="no_change",
@@ -55,9 +56,9 @@ def write_config(folder: Path, ckpt, pairs=EXAMPLES, **keys) -> str:
     lines += [
         f'\n[[datasets]]\nid = "edit"\ninstance_data_dir = "{pairs}/edit"\n'
         'caption_strategy = "textfile"\n'
-        f'resolution = 128\nconditioning_data = ["ref"]\ncache_dir_vae = "{folder}/cache/edit"',
+        f'resolution = 128\nconditioning_data = ["ref"]\ncache_dir_vae = "{cache}/edit"',
         f'\n[[datasets]]\nid = "ref"\ninstance_data_dir = "{pairs}/ref"\n'
-        f'cache_dir_vae = "{folder}/cache/ref"',
+        f'cache_dir_vae = "{cache}/ref"',
     ]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text("\n".join(lines) + "\n")
