@@ -69,7 +69,6 @@ KEYS = {
     "model_family": (("longcat_image",), "stop", "minicat trains LongCat-Image only"),
     "model_type": (("lora",), "stop", "minicat trains adapters (LoRA, LoKr) only"),
     "optimizer": (ADAMW[:2], "stop", "minicat's optimizer is AdamW (adam_beta1, adam_beta2, ...)"),
-    "use_ema": ((False,), "stop", "minicat keeps no EMA of the adapter"),
     "grad_clip_method": (
         ("norm",),
         "stop",
@@ -457,11 +456,11 @@ def translate_datasets(
                     "dataset's cache_dir_vae"
                 )
             continue
-        if entry.get("conditioning_type", "reference_strict") != "reference_strict":
+        if entry.get("conditioning_type", "reference_strict") not in ("reference_strict", "mask"):
             problems.append(
                 f"{where}: conditioning_type = {entry['conditioning_type']!r} is not supported: "
                 "minicat fits each reference into its target's bucket (reference_strict, as the "
-                "official recipe)"
+                "official recipe) or reads a loss mask (mask)"
             )
         if s3 := [k for k in entry if k.startswith("aws_")]:
             problems.append(f"{where}: {', '.join(s3)} are not supported: S3 storage")
@@ -474,7 +473,9 @@ def translate_datasets(
                 problems.append(f"{where}: {key} = {entry[key]!r} is not supported: {why}")
             if fate != "used" or key != "text_embeds":
                 entry.pop(key)
-        entry.pop("conditioning_type", None)  # reference_strict: what data.py does
+        if entry.get("conditioning_type") == "reference_strict":
+            entry.pop("conditioning_type")  # what data.py does with every reference set
+
         for key in ("resolution", "repeats", "disabled"):  # "1024" as SimpleTuner reads it
             if key in entry:
                 entry[key] = plain(entry[key])

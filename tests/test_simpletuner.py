@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, train_cli
+from PIL import Image
 
 import config
+import data
 import lora
 import simpletuner
 import train
@@ -276,3 +278,25 @@ def test_peft_lora_target_modules_are_the_targets(tmp_path):
     keys = {"peft_lora_target_modules": '["to_q", "to_k"]', "datasets": []}
     path.write_text(json.dumps(keys))
     assert load(path).lora_targets == ["to_q", "to_k"]
+
+
+def test_a_mask_dataset_in_a_multidatabackend_file_is_the_loss_mask(tmp_path):
+    """SimpleTuner's masked loss: a `conditioning_type = "mask"` set named in conditioning_data,
+    read through config.json's data_backend_config, becomes the edit set's mask. Catches the
+    mask set refused as an unsupported conditioning_type, or its conditioning_type dropped (the
+    mask images then trained as references)."""
+    from test_data import ALIGN
+    from test_masks import mask_config
+
+    white = Image.new("L", (64, 64), 255)
+    sets = mask_config(tmp_path, {"a.png": white}, {"a.png": (64, 64)})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(sets))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"data_backend_config": "multidatabackend.json"}))
+    cfg = load(path)
+    roles = {d.id: d.role for d in data.parse_datasets(cfg.datasets, tmp_path, ALIGN)}
+    assert roles == {"edits": "edit", "refs": "reference", "masks": "mask"}, roles
+    sets[-1]["conditioning_type"] = "reference_loose"
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(sets))
+    with pytest.raises(ValueError, match="dataset 'masks': conditioning_type = 'reference_loose'"):
+        load(path)
