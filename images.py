@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,10 @@ def load_rgb(
     # ValueError: also a mode Pillow cannot convert to RGB
     except READ_ERRORS as e:
         why = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else e
+        if isinstance(e, Image.DecompressionBombError):  # Pillow's own limit struck first
+            n = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(n.group(1)) / 2**20:.0f} MP" if n else "it"
+            why = f"{size} is over {max_pixels / 2**20:.0f} MP; downscale it"
         raise ImageError(f"{key + ' ' if key else ''}{path}: cannot read image ({why})") from None
 
 

@@ -11,6 +11,7 @@ from conftest import ROOT, assert_one_line_error, diffusers_pipeline, psnr, run_
 from PIL import Image
 from safetensors.torch import save_file
 
+import images
 import lora
 import model as M
 import pipeline
@@ -428,6 +429,15 @@ def test_a_decompression_bomb_reference_is_refused(tiny_edit, tmp_path):
         model=tiny_edit, ref=tmp_path / "bomb.png", prompt="x", out=tmp_path / "o.png", check=False
     )
     assert_one_line_error(proc, "bomb.png: cannot read image (9000x9000 is over 64 MP")
+
+
+def test_an_image_past_pillows_own_limit_gets_the_same_line(tmp_path):
+    """Over 179 MP Pillow refuses at open, before minicat reads the size: the same plain line, not
+    Pillow's "decompression bomb DOS attack". Catches the bomb error passed through as is."""
+    Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")  # 400 MP, 50 kB on disk
+    with pytest.raises(images.ImageError) as e:
+        images.load_rgb(tmp_path / "huge.png", key="--ref")
+    assert str(e.value).endswith("huge.png: cannot read image (381 MP is over 64 MP; downscale it)")
 
 
 def test_an_existing_out_is_never_replaced_without_overwrite(tiny_t2i, tmp_path):
