@@ -453,6 +453,12 @@ def load_config(path: Path, overrides: list[str]) -> Config:
         )
     if values.get("lora_type") == "lycoris":
         problems += _check_lycoris(values, path, warnings)
+    elif values.get("lycoris_config"):
+        warnings.append(
+            f"{path}: lycoris_config is not used: lora_type = "
+            f'{values.get("lora_type", "standard")!r} trains a LoRA; set lora_type = "lycoris" '
+            "for LoKr"
+        )
     cfg = Config(**values)
     try:  # the ranges and choices too, so one run reports everything
         cfg.check()

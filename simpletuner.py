@@ -289,6 +289,11 @@ def expand(value, variables: dict | None, where: str, problems: list[str]):
     def one(match: re.Match) -> str:
         name = match.group(1)
         if name.startswith("env:"):
+            if name[4:] not in os.environ:  # SimpleTuner puts "" (a path could turn absolute)
+                problems.append(
+                    f"{where} = {value!r}: the environment variable {name[4:]} is not set: set "
+                    "it, or write the value"
+                )
             return os.environ.get(name[4:], "")
         if variables is None:
             return match.group(0)
@@ -384,6 +389,14 @@ def translate(raw: dict, path: Path, fields: set[str]) -> tuple[dict, list[str],
         values["lr_scheduler"] = "cosine"  # SimpleTuner's alias (normalize_lr_scheduler_value)
     backend = values.pop("data_backend_config", None)
     defaults = {k: values.pop(k) for k in ("resolution", "resolution_type") if k in values}
+    if "resolution" in defaults:  # checked here, so a bad one is named as the config's own key
+        side = plain(defaults["resolution"])
+        if isinstance(side, bool) or not isinstance(side, int) or not 64 <= side <= 16384:
+            problems.append(
+                f"{path}: resolution = {defaults['resolution']!r}: the datasets' bucket side in "
+                "pixels, a whole number in [64, 16384] (1024 for LongCat)"
+            )
+            del defaults["resolution"]
     if backend is not None:
         if "datasets" in values:
             problems.append(f"{path}: data_backend_config and [[datasets]] both name datasets")

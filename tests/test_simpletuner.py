@@ -236,6 +236,11 @@ def test_braces_in_a_prompt_stay_and_in_a_path_are_named(tmp_path, monkeypatch):
         ValueError, match=r"output_dir = 'out/\{model_family\}': unknown placeholder"
     ):
         load(path)
+    # an unset variable is named (SimpleTuner's "" would make "{env:X}/out" the absolute /out)
+    monkeypatch.delenv("MINICAT_TEST_OUT")
+    path.write_text(json.dumps(keys | {"output_dir": "{env:MINICAT_TEST_OUT}/out"}))
+    with pytest.raises(ValueError, match="environment variable MINICAT_TEST_OUT is not set"):
+        load(path)
 
 
 def test_a_toml_with_simpletuners_keys_reads_its_backend_file(tmp_path):
@@ -300,3 +305,31 @@ def test_a_mask_dataset_in_a_multidatabackend_file_is_the_loss_mask(tmp_path):
     (tmp_path / "multidatabackend.json").write_text(json.dumps(sets))
     with pytest.raises(ValueError, match="dataset 'masks': conditioning_type = 'reference_loose'"):
         load(path)
+
+
+def test_a_lycoris_config_without_lora_type_lycoris_is_said_unused(tmp_path, capsys):
+    """Catches a LoRA trained while the user believes the LoKr file is in use."""
+    shutil.copy(DATA / "longcat-edit-lokr" / "lycoris_config.json", tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"lycoris_config": "lycoris_config.json", "datasets": []}))
+    assert load(path).lora_type == "standard"
+    assert "lycoris_config is not used: lora_type = 'standard'" in capsys.readouterr().err
+
+
+def test_a_bad_top_level_resolution_is_the_configs_own_key(tmp_path):
+    """SimpleTuner's top-level resolution is every dataset's default; a bad one is named once, as
+    the config's key. Catches it reported once per dataset, as if each dataset had it wrong."""
+    sets = [{"id": "a", "instance_data_dir": "a"}, {"id": "b", "instance_data_dir": "b"}]
+    (tmp_path / "sets.json").write_text(json.dumps(sets))
+    path = tmp_path / "config.json"
+    for bad in ("big", -5, 1.5):
+        path.write_text(json.dumps({"data_backend_config": "sets.json", "resolution": bad}))
+        with pytest.raises(ValueError) as e:
+            load(path)
+        lines = [line for line in str(e.value).splitlines() if "resolution" in line]
+        assert lines == [
+            f"{path}: resolution = {bad!r}: the datasets' bucket side in pixels, a whole number "
+            "in [64, 16384] (1024 for LongCat)"
+        ], lines
+    path.write_text(json.dumps({"data_backend_config": "sets.json", "resolution": "512"}))
+    assert [d["resolution"] for d in load(path).datasets] == [512, 512]
