@@ -348,22 +348,35 @@ class Sample:
 
 
 def _list_images(ds: DatasetConfig, notes: list[str]) -> dict[str, list[Path]]:
-    """{path inside the folder without extension: [image files]}; other files are noted as skipped."""
-    files, skipped = {}, []
+    """{path inside the folder without extension: [image files]}. What is left out is noted: files
+    that are not images, hidden images, captions beside no image, linked folders (not followed)."""
+    files, skipped, hidden, texts, links = {}, [], [], [], []
     for p in sorted(ds.instance_data_dir.rglob("*")):
         rel = p.relative_to(ds.instance_data_dir)
-        if any(s.startswith(".") for s in rel.parts) or not p.is_file():
+        if any(s.startswith(".") for s in rel.parts):
+            if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+                hidden.append(rel.as_posix())
+        elif p.is_symlink() and p.is_dir():
+            links.append(rel.as_posix())
+        elif not p.is_file():
             continue
-        if p.suffix.lower() in IMAGE_EXTS:
+        elif p.suffix.lower() in IMAGE_EXTS:
             files.setdefault(rel.with_suffix("").as_posix(), []).append(p)
-        elif p.suffix.lower() != ".txt":
+        elif p.suffix.lower() == ".txt":
+            texts.append(rel.with_suffix("").as_posix())
+        else:
             skipped.append(rel.as_posix())
-    if skipped:
-        exts = "/".join(sorted(IMAGE_EXTS))
-        notes.append(
-            f"dataset '{ds.id}': skipped {len(skipped)} file(s) that are not {exts}: "
-            + ", ".join(skipped)
-        )
+    lonely = [f"{t}.txt" for t in texts if t not in files]
+    exts = "/".join(sorted(IMAGE_EXTS))
+    for names, what in (
+        (skipped, f"file(s) that are not {exts}"),
+        (hidden, "hidden image(s) (a name or folder starting with '.')"),
+        (lonely, "caption(s) beside no image of the same name"),
+        (links, "linked folder(s), not followed (link the files, or copy the folder)"),
+    ):
+        if names:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            notes.append(f"dataset '{ds.id}': skipped {len(names)} {what}: {shown}")
     return files
 
 
@@ -697,6 +710,14 @@ def build_caches(
     plan_entries(samples, datasets, model_id, dtype_name, text_precision)
     status = _check_entries(samples, report)
     report.hits = sum(status.values())
+    if encode_latents is not None and encode_text is not None:  # the writer: clear killed writes
+        gone = [
+            p for d in sorted({p.parent for p in status}) for p in files.remove_stale_temporaries(d)
+        ]
+        if gone:
+            report.warnings.append(
+                f"removed {len(gone)} leftover(s) of killed runs from the caches, e.g. {gone[0]}"
+            )
     if not all(status.values()) and (encode_latents is None or encode_text is None):
         first = next(p for p, ok in status.items() if not ok)
         n = len(status) - report.hits
@@ -706,6 +727,18 @@ def build_caches(
     report.misses += _make_masks(samples, {d.id: d for d in datasets}, status)
     report.misses += _encode_latents(samples, status, encode_latents, progress)
     report.misses += _encode_texts(samples, status, encode_text, progress)
+    weightless = [
+        s
+        for s in samples
+        if "mask" in s.entries and not read_entry(s.entries["mask"], "mask").any()
+    ]
+    if weightless:
+        why = "its loss mask is 0 everywhere (a black mask, or mask_floor 0 on an unchanged pair)"
+        names = ", ".join(str(s.target) for s in weightless[:3])
+        names += ", ..." if len(weightless) > 3 else ""
+        if len(weightless) == len(samples):
+            raise DataError([f"every sample trains nothing: {why}, e.g. {names}"])
+        report.warnings.append(f"{len(weightless)} sample(s) train nothing: {why}: {names}")
     for s in (s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]):
         report.warnings.append(
             f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}"
@@ -810,7 +843,13 @@ def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progr
                 ref = [_load_fitted(r, sha, s.bucket) for r, sha in pairs]
                 ref, ref_of = ref[0] if len(ref) == 1 else ref, s
             with torch.inference_mode():
-                where = f"the caption of {s.target}" if caption else ""
+                where = ""
+                if caption:  # the file and line it came from, where it has one
+                    txt = s.target.with_suffix(".txt")
+                    line = s.captions.index(caption) + 1
+                    where = (
+                        f"{txt} (caption {line})" if txt.exists() else f"the caption of {s.target}"
+                    )
                 t = encode(caption, ref if s.references else None, where)
             assert t.ndim == 3 and t.shape[0] == 1, (caption, t.shape)
             meta = {
@@ -825,6 +864,56 @@ def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progr
 
 # --------------------------------------------------------------------------------------------------
 # Loader
+
+
+def batch_groups(samples: list[Sample]) -> dict[tuple[int, int, int], list[int]]:
+    """(references, W, H) -> sample indices: a batch is drawn from one group, as every row of it
+    must have the same shape and count of references. 0 and 1 sort as False and True once did."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((len(s.references), *s.bucket), []).append(i)
+    return groups
+
+
+def batches_per_epoch(samples: list[Sample], batch_size: int, world: int) -> int:
+    """Global batches in an epoch: each group's images (with repeats) in whole batches."""
+    step = batch_size * world
+    groups = batch_groups(samples).values()
+    return sum(sum(samples[i].repeats + 1 for i in g) // step for g in groups)
+
+
+def check_batches(
+    samples: list[Sample], batch_size: int, accumulation: int, world: int
+) -> tuple[list[str], list[str]]:
+    """(warnings, files): the samples in groups too small for one global batch (train_batch_size x
+    gradient_accumulation_steps x GPUs, counting repeats) are never trained: a warning line per
+    group, naming its files. No group that fills a batch stops the run, before any work."""
+    need = batch_size * accumulation * world
+    how = (
+        f"train_batch_size {batch_size} x gradient_accumulation_steps {accumulation} x "
+        f"{world} GPU(s) = {need}"
+    )
+    short = []
+    for (refs, w, h), group in sorted(batch_groups(samples).items()):
+        count = sum(samples[i].repeats + 1 for i in group)
+        if count < need:
+            names = [str(samples[i].target) for i in group]
+            short.append((f"{w}x{h} with {refs} reference(s)", count, names))
+    if len(short) == len(batch_groups(samples)):
+        sizes = ", ".join(f"{where}: {count}" for where, count, _ in short)
+        raise DataError(
+            [
+                f"no bucket fills a batch of {how}; images per bucket (with repeats): {sizes}. "
+                "Lower train_batch_size or gradient_accumulation_steps, or add repeats or images"
+            ]
+        )
+    warnings = [
+        f"{len(names)} image(s) are never trained: bucket {where} holds {count} (with repeats), "
+        f"a batch needs {how}. Add repeats or images of that shape, or lower the batch: "
+        + ", ".join(names)
+        for where, count, names in short
+    ]
+    return warnings, [name for _, _, names in short for name in names]
 
 
 class Loader:
@@ -854,23 +943,14 @@ class Loader:
         assert 0 <= rank < world_size and batch_size >= 1, (rank, world_size, batch_size)
         self.samples, self.batch_size, self.seed = samples, batch_size, seed
         self.rank, self.world = rank, world_size
-        # (references, W, H) -> sample indices; 0 and 1 sort as False and True once did
-        self.groups: dict[tuple[int, int, int], list[int]] = {}
-        for i, s in enumerate(samples):
-            assert s.entries, f"{s.target}: run build_caches on the samples first"
-            self.groups.setdefault((len(s.references), *s.bucket), []).append(i)
+        assert all(s.entries for s in samples), "run build_caches on the samples first"
+        self.groups = batch_groups(samples)
         self.epoch, self.index = 0, 0
-        if len(self) == 0:
-            sizes = {f"{w}x{h}": len(g) for (_, w, h), g in self.groups.items()}
-            raise DataError(
-                [f"no bucket fills a batch of {batch_size} x {world_size} GPUs; sizes: {sizes}"]
-            )
+        if len(self) == 0:  # train.py checks first (check_batches), naming the keys
+            raise DataError([f"no bucket fills a batch of {batch_size} x {world_size} GPUs"])
 
     def __len__(self) -> int:
-        step = self.batch_size * self.world
-        return sum(
-            sum(self.samples[i].repeats + 1 for i in g) // step for g in self.groups.values()
-        )
+        return batches_per_epoch(self.samples, self.batch_size, self.world)
 
     def plan(self, epoch: int) -> list[list[tuple[int, int]]]:
         """The epoch's global batches, each a list of (sample index, caption variant)."""
@@ -1016,6 +1096,11 @@ def validation_set(cfg: config.Config, cfg_dir: Path, samples: list, flavour: st
     if flavour == "edit" and not refs:
         raise ValueError(
             "validation_prompt is set but validation_reference is not: an edit needs an image"
+        )
+    if flavour != "edit" and any(config.as_list(r) for r in refs):
+        raise ValueError(
+            f"validation_reference is set, but the checkpoint is text-to-image ({flavour}): "
+            "remove it, or train LongCat-Image-Edit"
         )
     val = []
     for i, prompt in enumerate(prompts):

@@ -229,6 +229,15 @@ def showing(transformer, ema: AdapterEMA | None, version: str):
 # Checkpoints: complete and verified, or not used; never mixed across runs; moved aside, never deleted
 
 
+# what every checkpoint holds besides state.json and manifest.json
+CHECKPOINT_FILES = (
+    "lora.safetensors",
+    "pytorch_lora_weights.safetensors",
+    "optimizer.safetensors",
+    "rng.safetensors",
+)
+
+
 def save_checkpoint(
     out: Path, step: int, transformer, opt, loader, cfg: config.Config, run: dict, ema=None
 ) -> Path:
@@ -272,11 +281,18 @@ def save_checkpoint(
 
     files.write_atomic(final, write, "the checkpoint ")
     rotate_checkpoints(out, cfg.checkpoints_total_limit, run)
-    shared = out / "pytorch_lora_weights.safetensors"
-    files.write_atomic(shared, lambda tmp: shutil.copyfile(final / shared.name, tmp), "the LoRA ")
-    if ema is not None:
-        files.write_atomic(out / EMA_FILE, partial(shutil.copyfile, final / EMA_FILE), "the EMA ")
+    share_checkpoint(out, final)
     return final
+
+
+def share_checkpoint(out: Path, checkpoint: Path) -> None:
+    """output_dir's pytorch_lora_weights.safetensors (and the EMA's) as the checkpoint holds them."""
+    shared = out / "pytorch_lora_weights.safetensors"
+    files.write_atomic(shared, partial(shutil.copyfile, checkpoint / shared.name), "the LoRA ")
+    if (checkpoint / EMA_FILE).exists():
+        files.write_atomic(
+            out / EMA_FILE, partial(shutil.copyfile, checkpoint / EMA_FILE), "the EMA "
+        )
 
 
 def rng_states(transformer) -> dict[str, torch.Tensor]:
@@ -298,10 +314,21 @@ def restore_rng_states(states: dict[str, torch.Tensor], transformer) -> None:
 
 def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
     """None when the checkpoint is complete, intact and (given `run`) of this run; else what is
-    wrong."""
+    wrong. Its manifest must list every file a resume reads (and the EMA's, where state.json
+    counts EMA updates)."""
+    if not path.is_dir():
+        return "not there (no such folder)"
     try:
         manifest = json.loads((path / "manifest.json").read_text())
-        for name, f in manifest["files"].items():
+        listed = manifest["files"]
+        needed = [*CHECKPOINT_FILES, "state.json"]
+        if "state.json" in listed and "ema_updates" in json.loads(
+            (path / "state.json").read_text()
+        ):
+            needed += ["ema.safetensors", EMA_FILE]
+        if unlisted := [n for n in needed if n not in listed]:
+            return f"incomplete (its manifest.json does not list {', '.join(unlisted)})"
+        for name, f in listed.items():
             size_differs = (path / name).stat().st_size != f["bytes"]
             if size_differs or files.file_digest(path / name) != f["sha256"]:
                 return f"{name} is damaged (its size or sha256 differs from the manifest)"
@@ -369,8 +396,9 @@ def supersede(out: Path, step: int) -> Path | None:
     """Everything an earlier run in `out` wrote after `step`, which this run will write again, goes
     aside together into out/superseded-<time>/: its later checkpoints and validation grids (all of
     them when starting at step 0) are moved there, and the history files (loss log and curve,
-    config.json, run.json, the shared LoRA) are copied there as they were, so nothing is overwritten
-    or cut. Returns that folder, or None when nothing came after `step`."""
+    config.json, run.json, the shared LoRA) are copied there as they were (moved, when starting at
+    step 0), so nothing is overwritten or cut. Returns that folder, or None when nothing came after
+    `step`."""
     later = [p for p, s in checkpoints(out) if s > step]
     grids = [p for p, s in validation_grids(out) if s > step or step == 0]
     rows = LossLog.read(out / "loss.jsonl")
@@ -390,14 +418,35 @@ def supersede(out: Path, step: int) -> Path | None:
         (aside / "validation").mkdir(parents=True, exist_ok=True)
         path.rename(aside / "validation" / path.name)
     aside.mkdir(parents=True, exist_ok=True)
-    for path in history:
-        shutil.copy2(path, aside / path.name)
+    for path in history:  # moved when starting over, so a failed restart leaves no second copy
+        if step == 0:
+            path.rename(aside / path.name)
+        else:
+            shutil.copy2(path, aside / path.name)
     return aside
 
 
-def check_output_dir(out: Path, datasets: list) -> None:
+def check_output_dir(out: Path, datasets: list, ckpt: Path, config_file: Path | None) -> None:
     """Refuse an output_dir inside a dataset's image or cache folder, or holding one: its pictures
-    and checkpoints would become training data (or orphans) on the next run."""
+    and checkpoints would become training data (or orphans) on the next run. Refuse one inside the
+    model's folder (its files are the model's identity) and one where the run would overwrite the
+    config file it was started with (SimpleTuner's config.json with output_dir "."), unless that
+    file is a config.json an earlier minicat run wrote there."""
+    ckpt = ckpt.resolve()
+    if out == ckpt or ckpt in out.parents:
+        raise ValueError(
+            f"output_dir {out} is inside the model checkpoint {ckpt}: choose an output_dir "
+            "outside it (its files are what the model is)"
+        )
+    if config_file is not None and config_file.resolve().parent == out:
+        name = config_file.name
+        ours = name == "config.json" and minicat_wrote(config_file)
+        if name in (*HISTORY, "manifest.json") and not ours:
+            raise ValueError(
+                f"output_dir {out} holds the config file {config_file}, and training writes its "
+                f"own {name} there: choose another output_dir (a subfolder, as SimpleTuner's "
+                "output/models)"
+            )
     for ds in datasets:
         folders = {
             "instance_data_dir": ds.instance_data_dir,
@@ -419,6 +468,17 @@ def check_output_dir(out: Path, datasets: list) -> None:
             )
 
 
+def minicat_wrote(path: Path) -> bool:
+    """Whether a config.json is the resolved config a minicat run writes: every key of Config and
+    no other."""
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    fields = {f.name for f in dataclasses.fields(config.Config)}
+    return isinstance(keys, dict) and set(keys) == fields
+
+
 def remove_leftovers(out: Path) -> None:
     """Remove the temporaries (`NAME.tmp-HOST-PID`) that killed runs of this machine left in the
     output folder, and say so; a live writer's, another machine's and every other name stay."""
@@ -436,11 +496,14 @@ def warn_once(message: str, said: set = set()) -> None:  # noqa: B006 - the set 
         print(f"warning: {message}")
 
 
-def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None, list[str]]:
+def choose_resume(
+    out: Path, cfg: config.Config, run: dict, max_steps: tuple[int, str]
+) -> tuple[Path | None, list[str]]:
     """The checkpoint to continue from, and warnings: the one named (refused unless it verifies and
     is of this run), or with "latest" the newest that verifies (those skipped are named). A
-    checkpoint past max_train_steps is refused: continuing would hand back a longer run than the
-    config asks for. What an earlier run wrote past the chosen step goes aside (supersede)."""
+    checkpoint past the last step (max_steps: the step and the key that sets it) is refused:
+    continuing would hand back a longer run than the config asks for. What an earlier run wrote
+    past the chosen step goes aside (supersede)."""
     notes = []
     chosen = None
     if cfg.resume_from_checkpoint not in ("latest", "none"):
@@ -458,11 +521,12 @@ def choose_resume(out: Path, cfg: config.Config, run: dict) -> tuple[Path | None
     step = 0
     if chosen is not None:
         step = json.loads((chosen / "state.json").read_text())["step"]
-    if step > cfg.max_train_steps:
+    last, key = max_steps
+    if step > last:
         raise ValueError(
-            f"max_train_steps = {cfg.max_train_steps}, but {chosen} is at step {step}: raise "
-            "max_train_steps to go on, or set resume_from_checkpoint to a checkpoint at or before "
-            f"step {cfg.max_train_steps} (or none) to train again from there; later checkpoints are "
+            f"{key} ends the run at step {last}, but {chosen} is at step {step}: raise "
+            f"{key.split()[0]} to go on, or set resume_from_checkpoint to a checkpoint at or before "
+            f"step {last} (or none) to train again from there; later checkpoints are "
             "then moved aside, never deleted"
         )
     aside = supersede(out, step)
@@ -503,8 +567,14 @@ class OutputLock:
         self.out, self.fh = out, None
 
     def __enter__(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.out / ".lock", "a+")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.out / ".lock", "a+")
+        except OSError as e:
+            raise ValueError(
+                f"output_dir {self.out}: cannot write there ({e.strerror or e}): choose a folder "
+                "you can write, or fix its permissions"
+            ) from None
         if fcntl is not None:
             try:
                 fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -528,12 +598,38 @@ class OutputLock:
         self.fh.close()  # closing releases the flock
 
 
+def read_record(path: Path, what: str) -> dict:
+    """A JSON object minicat wrote (run.json, data.json); a damaged one is a ValueError naming it."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is damaged (not the JSON object {what} holds)")
+    return record
+
+
 def start_over(out: Path, run: dict, cfg: config.Config) -> None:
     """Refuse to mix two trainings in one output_dir; with overwrite_output_dir the old run's files
     are moved aside. A longer run or new validation settings are the same run."""
-    old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else run
+    old = run
+    if (out / "run.json").exists():
+        try:
+            old = read_record(out / "run.json", "run.json")
+        except ValueError as e:
+            if not cfg.overwrite_output_dir:
+                raise ValueError(
+                    f"{e}: set overwrite_output_dir = true to start over (the old run's files "
+                    "move aside), or choose another output_dir"
+                ) from None
+            old = {"run.json": "damaged"}
     diff = [k for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
     if not diff:
+        if cfg.overwrite_output_dir and (out / "run.json").exists():
+            print(
+                f"note: overwrite_output_dir = true, but {out} holds this same run: it goes on "
+                "as resume_from_checkpoint says (none starts it over, keeping the old files)"
+            )
         return
     if not cfg.overwrite_output_dir:
         was = old.get(diff[0])
@@ -612,13 +708,13 @@ class Tracker:
 
 class LossLog:
     """loss.jsonl, one line per optimizer step; on resume cut back to the resumed step, so a resumed
-    log equals a straight run's and the loss curve has one point per step."""
+    log equals a straight run's and the loss curve has one point per step. A line cut short (a
+    kill, a full disk) is dropped then, so the next row starts on a line of its own."""
 
     def __init__(self, path: Path, step: int):
         self.path = path
-        rows = self.rows()
-        if len(rows) != step or any(r["step"] > step for r in rows):
-            kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+        kept = "".join(json.dumps(r) + "\n" for r in self.rows() if r["step"] <= step)
+        if (path.read_text(errors="replace") if path.exists() else "") != kept:
             files.write_atomic(path, lambda tmp: tmp.write_text(kept), "the loss log ")
 
     def rows(self) -> list[dict]:
@@ -631,7 +727,7 @@ class LossLog:
         if not path.exists():
             return []
         rows = {}
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 row = json.loads(line)
                 rows[row["step"]] = row
@@ -692,6 +788,22 @@ def lokr_settings(cfg: config.Config) -> lora.LoKrSettings:
     """The LoKr of lora_type = "lycoris": lycoris_config read as SimpleTuner reads it."""
     settings, _ = lora.parse_lycoris_config(config.read_lycoris(cfg.lycoris_config))
     return settings
+
+
+def check_adapter(cfg: config.Config, ckpt: Path) -> None:
+    """Put the adapter on the model's shape, on the meta device (no weights, no memory), so targets
+    that match nothing stop the run before any caching, naming the key."""
+    with torch.device("meta"):
+        transformer = M.LongCatTransformer(M.read_transformer_config(ckpt))
+        try:
+            if cfg.lora_type == "lycoris":
+                lora.inject_lokr(transformer, lokr_settings(cfg))
+            else:
+                lora.inject_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        except ValueError as e:
+            key = f"lycoris_config {cfg.lycoris_config}" if cfg.lora_type == "lycoris" else None
+            key = key or f"lora_targets = {cfg.lora_targets}"
+            raise ValueError(f"{key}: {e}") from None
 
 
 def build_transformer(cfg: config.Config, ckpt: Path, device: torch.device):
@@ -857,8 +969,18 @@ def stop_non_finite(
     )
 
 
+def last_step(cfg: config.Config, samples: list, world: int) -> tuple[int, str]:
+    """(the step the run ends at, the key that sets it): max_train_steps, or num_train_epochs where
+    its epochs end sooner."""
+    per_gpu = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    steps = cfg.num_train_epochs * data.batches_per_epoch(samples, per_gpu, world)
+    if cfg.num_train_epochs and steps < cfg.max_train_steps:
+        return steps, f"num_train_epochs = {cfg.num_train_epochs} ({steps} steps)"
+    return cfg.max_train_steps, f"max_train_steps = {cfg.max_train_steps}"
+
+
 def claim_output_dir(
-    out: Path, run: dict, cfg: config.Config, rank: int, manifest: dict
+    out: Path, run: dict, cfg: config.Config, rank: int, manifest: dict, max_steps: tuple[int, str]
 ) -> Path | None:
     """On rank 0 (holding the lock): remove killed runs' leftovers, refuse or move aside another run,
     choose the checkpoint to resume from and refuse to resume over changed data unless told to (the
@@ -867,17 +989,45 @@ def claim_output_dir(
     if rank == 0:
         remove_leftovers(out)
         start_over(out, run, cfg)
-        resume, warnings = choose_resume(out, cfg, run)
+        resume, warnings = choose_resume(out, cfg, run, max_steps)
         for w in warnings:
             print(f"warning: {w}")
         if resume is not None:
             check_same_data(out, manifest, cfg)
+            note_changed_settings(resume, cfg)
     if dist.is_initialized():
         dist.barrier()
         chosen = [resume]
         dist.broadcast_object_list(chosen)
         resume = chosen[0]
     return resume
+
+
+# Keys a resume may change without a note: where the run ends, what it writes and shows.
+QUIET_ON_RESUME = {
+    "max_train_steps",
+    "num_train_epochs",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_with_changed_data",
+}
+
+
+def note_changed_settings(resume: Path, cfg: config.Config) -> None:
+    """A resume goes on with the settings given now; those that changed how it trains since the
+    checkpoint (learning rate, schedule, clipping, dropout ...) are said, once each."""
+    before = json.loads((resume / "state.json").read_text()).get("config", {})
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # as state.json holds it
+    changed = [
+        f"{k} {before[k]!r} -> {now[k]!r}"
+        for k in sorted(now)
+        if k in before and before[k] != now[k] and k not in QUIET_ON_RESUME
+        if not k.startswith(("validation_", "tracker_", "report_to"))
+    ]
+    if changed:
+        print(f"note: resuming with settings changed since {resume.name}: " + ", ".join(changed))
 
 
 def check_same_data(out: Path, manifest: dict, cfg: config.Config) -> None:
@@ -887,7 +1037,13 @@ def check_same_data(out: Path, manifest: dict, cfg: config.Config) -> None:
     path = out / "data.json"
     if not path.exists():
         return  # a run from before data.json: nothing to compare with
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = read_data_record(path)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}: move it aside to resume without comparing the data, or set "
+            "resume_from_checkpoint = none to train afresh"
+        ) from None
     changes = data.describe_changes(recorded["pairs"], manifest)
     if not changes:
         return
@@ -901,12 +1057,24 @@ def check_same_data(out: Path, manifest: dict, cfg: config.Config) -> None:
     print("warning: going on with changed data (recorded in data.json): " + "; ".join(changes))
 
 
-def record_data(out: Path, manifest: dict, step: int) -> None:
-    """data.json: the pairs this run trains on now, and every change it was told to go on with."""
+def read_data_record(path: Path) -> dict:
+    """data.json, checked: its pairs per dataset, as data_manifest writes them."""
+    record = read_record(path, "data.json")
+    pairs = record.get("pairs")
+    if not (isinstance(pairs, dict) and all(isinstance(v, dict) for v in pairs.values())):
+        raise ValueError(f"{path} is damaged (its pairs are not per dataset)")
+    if not isinstance(record.setdefault("changes", []), list):
+        raise ValueError(f"{path} is damaged (its changes are not a list)")
+    return record
+
+
+def record_data(out: Path, manifest: dict, step: int, untrained: list[str]) -> None:
+    """data.json: the pairs this run trains on now, those of them it never trains (their bucket
+    fills no batch) and every change it was told to go on with."""
     path = out / "data.json"
-    record = {"pairs": manifest, "changes": []}
-    if path.exists():
-        before = json.loads(path.read_text())
+    record = {"pairs": manifest, "never_trained": untrained, "changes": []}
+    if path.exists() and step > 0:  # check_same_data read it; a new run's went aside (supersede)
+        before = read_data_record(path)
         record["changes"] = before.get("changes", [])
         changes = data.describe_changes(before["pairs"], manifest)
         if changes:
@@ -926,17 +1094,36 @@ def begin_log(
     return LossLog(out / "loss.jsonl", step)
 
 
-def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
-    """The whole run; returns the transformer with its trained LoRA (on every rank)."""
+def train(cfg: config.Config, cfg_dir: Path, config_file: Path | None = None) -> torch.nn.Module:
+    """The whole run (from `config_file`, in `cfg_dir`); returns the transformer with its trained
+    LoRA (on every rank)."""
+    if not cfg.datasets:
+        raise ValueError(
+            f"{config_file or 'the config'} names no datasets: add [[datasets]] tables, or "
+            'data_backend_config = "multidatabackend.json" (SimpleTuner\'s file)'
+        )
     rank, world, device = setup_distributed(cfg.device)
     ckpt, datasets, samples, notes, val = data.read_data(cfg, cfg_dir, device)
+    check_adapter(cfg, ckpt)
+    B, A = cfg.train_batch_size, cfg.gradient_accumulation_steps
+    short, untrained = data.check_batches(samples, B, A, world)
+    notes += short
     M.set_attention_backend(cfg.attention_backend)
     out = (cfg_dir / Path(cfg.output_dir).expanduser()).resolve()
-    check_output_dir(out, datasets)
+    if cfg.resume_from_checkpoint not in ("latest", "none"):  # relative to the config, as paths are
+        named = cfg_dir / Path(cfg.resume_from_checkpoint).expanduser()
+        cfg.resume_from_checkpoint = str(named.resolve())
+    check_output_dir(out, datasets, ckpt, config_file)
+    end = last_step(cfg, samples, world)
+    if cfg.use_ema and cfg.ema_update_interval > end[0] and rank == 0:
+        print(
+            f"warning: ema_update_interval = {cfg.ema_update_interval} and {end[1]}: the EMA is "
+            "never updated, and its file is the adapter as it starts"
+        )
     run = run_identity(cfg, ckpt, world)
     manifest = data.data_manifest(datasets, samples)
     with OutputLock(out) if rank == 0 else nullcontext():
-        resume = claim_output_dir(out, run, cfg, rank, manifest)
+        resume = claim_output_dir(out, run, cfg, rank, manifest, end)
         tracker = Tracker(cfg, out) if rank == 0 else None  # a missing package stops the run here
         models = data.prepare_data(cfg, ckpt, datasets, samples, notes, val, rank, device)
         transformer, params = build_transformer(cfg, ckpt, device)
@@ -948,14 +1135,12 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
             step, states = load_checkpoint(resume, transformer, loader)
         opt = build_optimizer(cfg, transformer, params, states)
         ema = load_ema(resume, transformer, cfg)
-        max_steps = cfg.max_train_steps
-        if cfg.num_train_epochs:
-            max_steps = min(max_steps, cfg.num_train_epochs * len(loader))
+        max_steps = end[0]
         note = f"{sum(p.numel() for p in params):,} LoRA parameters on {device} x {world}"
         log = None
         if rank == 0:
             log = begin_log(out, run, cfg, step, resume, note)
-            record_data(out, manifest, step)
+            record_data(out, manifest, step, untrained)
         if rank == 0 and val and step == 0:
             tracker.image(0, run_validation(transformer, models, val, cfg, 0, out, ema))
         bar = tqdm(
@@ -995,6 +1180,10 @@ def train(cfg: config.Config, cfg_dir: Path) -> torch.nn.Module:
                     grid = run_validation(transformer, models, val, cfg, step, out, ema)
                     tracker.image(step, grid)
         bar.close()
+        if rank == 0 and resume is not None and last == resume:
+            # nothing trained: a run killed after its last checkpoint may not have shared it yet
+            share_checkpoint(out, resume)
+            images.plot_losses(log.rows(), out / "loss.png")
         if tracker is not None:
             tracker.close()
     finish_distributed()
@@ -1014,7 +1203,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         cfg = config.load_config(Path(argv[0]), argv[1:])
-        train(cfg, Path(argv[0]).resolve().parent)
+        train(cfg, Path(argv[0]).resolve().parent, Path(argv[0]))
     # DataError, CheckpointError and OutOfMemory are ValueErrors: a message per line, no traceback
     except (ValueError, FloatingPointError, OSError) as e:
         pipeline.close_progress_bars()

@@ -526,6 +526,26 @@ def test_loader_drops_incomplete_batches_and_honours_repeats(tmp_path):
         data.Loader(samples[:1], batch_size=4)
 
 
+def test_images_in_a_bucket_that_fills_no_batch_are_named(tmp_path):
+    """Buckets of 2, 2 and 1 images, each repeated to 3 per epoch: a global batch of 4 (2 per GPU
+    x 2 accumulation steps x 1 GPU) fills from the first two, never from the third, whose image
+    is named. A second reference on one image splits its bucket by the count of references.
+    None filling stops with the keys to change. Catches: gradient accumulation or GPUs left out
+    of the batch, the reference count ignored (a batch mixing 1 and 2 references)."""
+    samples = loader_samples(tmp_path, n=5, repeats=2)  # 00, 03 wide; 01, 04 tall; 02 square
+    warnings, untrained = data.check_batches(samples, 2, 2, 1)
+    assert untrained == [str(samples[2].target)], untrained
+    (line,) = warnings
+    assert "holds 3" in line and "gradient_accumulation_steps 2 x 1 GPU(s) = 4" in line, line
+    assert data.check_batches(samples, 3, 1, 1)[1] == []  # 3 of a kind fill a batch of 3
+    assert len(data.check_batches(samples, 1, 2, 2)[1]) == 1  # 2 x 2 GPUs: also 4
+    samples[3].references = [*samples[3].references, samples[3].references[0]]
+    _, untrained = data.check_batches(samples, 1, 4, 1)  # 6 - 3 wide with one reference
+    assert sorted(untrained) == sorted(str(samples[i].target) for i in (0, 2, 3)), untrained
+    with pytest.raises(data.DataError, match="gradient_accumulation_steps 4 x 2 GPU"):
+        data.check_batches(samples, 1, 4, 2)
+
+
 def test_loader_resumes_mid_epoch_exactly(tmp_path):
     samples = loader_samples(tmp_path, n=9)
     straight = take(
@@ -650,6 +670,9 @@ def test_files_that_are_skipped_are_reported(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "edit/anim.gif")
     Image.new("RGB", (64, 64)).save(tmp_path / "ref/anim.gif")
     (tmp_path / "edit/anim.txt").write_text("make it move")
+    Image.new("RGB", (64, 64)).save(tmp_path / "edit/.draft.png")  # hidden
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "edit/more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     report, _ = build(cfg, tmp_path)
     warnings = "\n".join(report.warnings)
     assert (
@@ -657,7 +680,24 @@ def test_files_that_are_skipped_are_reported(tmp_path):
     ), warnings
     assert "dataset 'refs': skipped 1 file(s)" in warnings
     assert "1 reference(s) without an edit image, skipped: lonely" in warnings, warnings
+    # also what rglob passes over without a word: hidden images, linked folders, lone captions
+    assert "skipped 1 hidden image(s) (a name or folder starting with '.'): .draft.png" in warnings
+    assert "skipped 1 caption(s) beside no image of the same name: anim.txt" in warnings, warnings
+    assert "skipped 1 linked folder(s), not followed" in warnings and ": more" in warnings
     assert len(report.samples) == 1
+
+
+def test_a_caption_is_named_to_the_text_encoder_by_its_file_and_place(tmp_path):
+    """The text encoder's 512-token warning names what the user edits: the .txt and which of its
+    captions. Catches the image named instead (the warning then points at a picture)."""
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})  # a.txt: "make a blue", "recolour it"
+    seen = []
+    enc = Encoders()
+    text = enc.text
+    enc.text = lambda prompt, ref, where="": seen.append(where) or text(prompt, ref, where)
+    build(cfg, tmp_path, enc)
+    txt = tmp_path / "edit/a.txt"
+    assert sorted(seen) == ["", f"{txt} (caption 1)", f"{txt} (caption 2)"], seen
 
 
 def test_reference_captions_replace_the_instructions_with_a_warning(tmp_path):

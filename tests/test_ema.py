@@ -114,3 +114,12 @@ def test_validation_shows_base_trained_and_ema_side_by_side(tiny_edit, tmp_path)
 def test_bad_ema_settings_are_named(tiny_edit, tmp_path, key, message):
     """Catches: a decay of 1 (nothing ever learnt) or an EMA column without an EMA accepted."""
     assert message in fails([write_config(tmp_path, tiny_edit), key])
+
+
+def test_an_ema_that_is_never_updated_is_said(tiny_edit, tmp_path):
+    """ema_update_interval past the run's last step: the EMA file would be the adapter as it
+    started, so the run says so. Catches a silent EMA of zero updates."""
+    keys = dict(use_ema=True, ema_update_interval=3, max_train_steps=2, checkpointing_steps=2)
+    said = train_cli(write_config(tmp_path, tiny_edit, **keys)).stdout
+    assert "warning: ema_update_interval = 3 and max_train_steps = 2" in said, said
+    assert "the EMA is never updated" in said, said

@@ -164,6 +164,23 @@ def test_a_changed_difference_setting_makes_a_new_mask_entry(tmp_path, key, valu
     assert first.samples[0].entries["mask"] != second.samples[0].entries["mask"], key
 
 
+def test_a_mask_that_weighs_nothing_is_named_and_all_of_them_stop_the_run(tmp_path):
+    """A black mask gives a sample no gradient at all: one warning naming it; every sample so is
+    a run that would train nothing: an error. Catches a silent no-op run (the masked mean's
+    clamped 0 / 0 is a loss of 0, every step)."""
+    black, white = Image.new("L", (64, 64), 0), Image.new("L", (64, 64), 255)
+    sizes = {"a.png": (64, 64), "b.png": (64, 64)}
+    report, _ = build(
+        mask_config(tmp_path / "one", {"a.png": black, "b.png": white}, sizes), tmp_path / "one"
+    )
+    (line,) = [w for w in report.warnings if "train nothing" in w]
+    assert line.startswith("1 sample(s) train nothing") and "edit/a.png" in line, line
+    with pytest.raises(data.DataError, match="every sample trains nothing: its loss mask is 0"):
+        build(
+            mask_config(tmp_path / "all", {"a.png": black, "b.png": black}, sizes), tmp_path / "all"
+        )
+
+
 @pytest.mark.parametrize(
     "keys, message",
     [

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import ROOT, train_cli, validate_cli
+from conftest import ROOT, assert_one_line_error, train_cli, validate_cli
 from PIL import Image
 from test_data import RES, Encoders, build, edit_config, save_image
 from test_train import losses, write_config
@@ -230,3 +230,20 @@ def test_validate_sees_every_ref(tiny_edit, tmp_path):
     validate_cli(ref=[tmp_path / "b.png", tmp_path / "a.png"], out=tmp_path / "ba.png", **common)
     one, ab, ba = (np.asarray(Image.open(tmp_path / n)) for n in ("one.png", "ab.png", "ba.png"))
     assert np.abs(one.astype(int) - ab).max() > 0 and np.abs(ab.astype(int) - ba).max() > 0
+
+
+def test_a_validation_reference_on_a_text_to_image_checkpoint_is_refused(tiny_t2i, tmp_path):
+    """validate.py refuses --ref on a t2i checkpoint; training refuses validation_reference the same
+    way, before any work. Catches the reference silently ignored (a t2i grid labelled an edit)."""
+    refs = [str(EXAMPLES / "ref/sun.png")]
+    keys = dict(validation_steps=2, validation_prompt=["add a sun"], validation_reference=refs)
+    path = Path(write_config(tmp_path, tiny_t2i, **keys))
+    body = path.read_text().split("\n[[datasets]]")[0]  # one t2i set: the targets alone
+    body += (
+        f'\n[[datasets]]\nid = "t2i"\ninstance_data_dir = "{EXAMPLES}/edit"\n'
+        f'caption_strategy = "textfile"\nresolution = 128\ncache_dir_vae = "{tmp_path}/cache"\n'
+    )
+    path.write_text(body)
+    result = train_cli(path, check=False)
+    assert_one_line_error(result, "validation_reference is set, but the checkpoint is text-to-")
+    assert not (tmp_path / "out").exists()

@@ -574,6 +574,8 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(
             "offload_blocks needs gradient_checkpointing",
         ),
         (['--lora_targets=[""]'], "lora_targets = ['']"),  # [] = the preset's
+        # before any caching (out/ never made): no module of the model has that name
+        (['--lora_targets=["to_qq"]'], "lora_targets = ['to_qq']: no module of the model matches"),
     ],
 )
 def test_bad_configs_fail_cleanly_naming_the_key(tiny_edit, tmp_path, args, message):
@@ -651,3 +653,13 @@ def test_gradients_are_averaged_in_one_call_and_a_missing_gradient_counts_as_zer
     assert torch.equal(a.grad, torch.arange(6.0).view(2, 3))  # (g + g) / 2
     assert torch.equal(b.grad, torch.zeros(4))
     assert loss == (1.0 + 3.0) / 2
+
+
+def test_a_config_without_datasets_names_its_file(tmp_path):
+    """An empty config.json (a SimpleTuner config missing data_backend_config): one line naming the
+    file and both ways to give datasets. Catches the bare "needs [[datasets]] tables"."""
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    message = fails([str(path)])
+    assert message.startswith(f"error: {path} names no datasets"), message
+    assert "data_backend_config" in message and "\n" not in message, message
