@@ -53,6 +53,17 @@ LR = f"{GUARDS}::test_lr_factor_warmup_and_decay_end_values"
 STOP = (
     "tests/test_serve.py::test_closing_the_server_cancels_the_edit_and_joins_every_request_thread"
 )
+OUTPUT = "tests/test_output.py"
+NO_BATCH = "tests/test_data.py::test_images_in_a_bucket_that_fills_no_batch_are_named"
+PAST_END = f"{OUTPUT}::test_a_checkpoint_past_max_train_steps_is_not_handed_back"
+TORN = f"{OUTPUT}::test_a_loss_line_cut_short_is_dropped_before_the_run_goes_on"
+UNLISTED = f"{OUTPUT}::test_a_checkpoint_whose_manifest_lacks_a_file_is_not_resumed"
+SHARE = f"{OUTPUT}::test_a_run_killed_before_sharing_its_last_checkpoint_shares_it_when_run_again"
+RESTART = f"{OUTPUT}::test_starting_over_keeps_the_earlier_runs_grids_log_and_checkpoints"
+INSIDE = (
+    f"{OUTPUT}::test_an_output_dir_that_would_overwrite_the_config_or_sit_in_the_model_is_refused"
+)
+LEFTOVERS = f"{OUTPUT}::test_leftovers_of_killed_runs_are_removed_and_nothing_else"
 PREFETCH = (
     "tests/test_offload.py::"
     "test_training_prefetches_the_next_block_forward_and_the_previous_one_backward"
@@ -400,6 +411,63 @@ MUTANTS = [
         "        pass",
         (STOP,),
         "stopping does not cancel the running edit",
+    ),
+    # where training writes (issue 18's second sweep)
+    Mutant(
+        "data.py",
+        "need = batch_size * accumulation * world",
+        "need = batch_size * world",
+        (NO_BATCH,),
+        "gradient accumulation left out of the batch a bucket must fill",
+    ),
+    Mutant(
+        "train.py",
+        "if cfg.num_train_epochs and steps < cfg.max_train_steps:",
+        "if False:",
+        (PAST_END,),
+        "num_train_epochs left out of the guard against a longer checkpoint",
+    ),
+    Mutant(
+        "train.py",
+        'if (path.read_text(errors="replace") if path.exists() else "") != kept:',
+        "if len(self.rows()) != step:",
+        (TORN,),
+        "a torn loss line kept when the row count matches the step",
+    ),
+    Mutant(
+        "train.py",
+        "if unlisted := [n for n in needed if n not in listed]:",
+        "if unlisted := []:",
+        (UNLISTED,),
+        "a manifest trusted for what it lists only",
+    ),
+    Mutant(
+        "train.py",
+        "if rank == 0 and resume is not None and last == resume:",
+        "if False:",
+        (SHARE,),
+        "a run with nothing left to train does not share its last checkpoint",
+    ),
+    Mutant(
+        "train.py",
+        "            path.rename(aside / path.name)",
+        "            shutil.copy2(path, aside / path.name)",
+        (RESTART,),
+        "starting over copies the history: a failed restart leaves a second copy",
+    ),
+    Mutant(
+        "train.py",
+        "if out == ckpt or ckpt in out.parents:",
+        "if False:",
+        (INSIDE,),
+        "an output_dir inside the model folder accepted",
+    ),
+    Mutant(
+        "data.py",
+        "if encode_latents is not None and encode_text is not None:  # the writer",
+        "if False:",
+        (LEFTOVERS,),
+        "killed runs' temporaries left in the caches",
     ),
 ]
 
