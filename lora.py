@@ -501,6 +501,13 @@ def _read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
             raise ValueError(f"{path} holds none of {FILE_NAMES}")
         path = found[0]
     try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+            raise ValueError(
+                f"{path}: a PyTorch pickle (.pt/.bin/.ckpt), which is never loaded (it can run "
+                "code): convert it to safetensors"
+            )
         with safetensors.safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -509,11 +516,37 @@ def _read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(
             f"{path}: not a readable safetensors LoRA ({str(e).splitlines()[0][:120]})"
         ) from None
+    where = f"{path}: lora_adapter_metadata"
     beside = os.path.join(os.path.dirname(path), "adapter_config.json")
     if not config and os.path.isfile(beside):
-        with open(beside) as f:
-            config = json.load(f)
-    return tensors, {k.removeprefix("transformer."): v for k, v in config.items()}
+        where = beside
+        try:
+            with open(beside) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{beside}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: a JSON object of peft settings, not {type(config).__name__}")
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    _check_config(config, where)
+    return tensors, config
+
+
+def _check_config(config: dict, where: str) -> None:
+    """The peft settings a load uses, checked: an alpha is a finite number, use_rslora a bool."""
+
+    def number(value) -> bool:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok and math.isfinite(value) and abs(value) < 1e30
+
+    if "lora_alpha" in config and not number(config["lora_alpha"]):
+        raise ValueError(f"{where}: lora_alpha = {config['lora_alpha']!r}: not a finite number")
+    for key in ("alpha_pattern", "rank_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(number(v) for v in pattern.values()):
+            raise ValueError(f"{where}: {key} = {pattern!r}: not a mapping of names to numbers")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{where}: use_rslora = {config['use_rslora']!r}: true or false")
 
 
 def read_lora(path: str | os.PathLike) -> tuple[str, dict[str, dict], dict]:
@@ -550,9 +583,13 @@ def read_lora(path: str | os.PathLike) -> tuple[str, dict[str, dict], dict]:
         part = match[2] or match[3] or match[4]
         if part == "alpha" and t.numel() != 1:
             raise ValueError(f"{path}: {key}: an alpha is one number, not {tuple(t.shape)}")
+        if part == "alpha" and not abs(t.item()) < 1e30:  # finite, and no overflow once scaled
+            raise ValueError(f"{path}: {key}: alpha {t.item():g} is out of range")
         if part != "alpha" and t.ndim != 2:
             raise ValueError(f"{path}: {key}: {t.ndim}-D, a convolution's adapter (not supported)")
-        found.setdefault(match[1], {})[part] = (key, t)
+        if part in found.setdefault(match[1], {}):  # e.g. transformer.X and base_model.model.X
+            raise ValueError(f"{path}: {key} and {found[match[1]][part][0]} are the same tensor")
+        found[match[1]][part] = (key, t)
     return os.fspath(path), found, config
 
 
@@ -627,6 +664,8 @@ def check_lora(model: nn.Module, path: str, found: dict[str, dict], config: dict
         if "A" not in parts or "B" not in parts:
             raise ValueError(f"{path}: {key}: module {name!r} needs both lora_A and lora_B")
         (key_a, a), (key_b, b) = parts["A"], parts["B"]
+        if a.shape[0] == 0:
+            raise ValueError(f"{path}: {key_a}: rank 0 (no rows): not a LoRA")
         for k, t, expected in (
             (key_a, a, (a.shape[0], m.in_features)),
             (key_b, b, (m.out_features, a.shape[0])),

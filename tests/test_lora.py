@@ -213,6 +213,55 @@ def test_load_rejects_a_mismatching_file(tmp_path):
         load_lora(model, tmp_path / "bad2.safetensors")
 
 
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ("[1, 2]", "a JSON object of peft settings, not list"),
+        ('{"lora_alpha": null}', "lora_alpha = None: not a finite number"),
+        ('{"lora_alpha": "abc"}', "lora_alpha = 'abc': not a finite number"),
+        ('{"lora_alpha": NaN}', "lora_alpha = nan: not a finite number"),
+        ('{"lora_alpha": 1e300}', "lora_alpha = 1e+300: not a finite number"),
+        ('{"alpha_pattern": ["a"]}', "alpha_pattern = ['a']: not a mapping of names to numbers"),
+        ('{"use_rslora": "false"}', "use_rslora = 'false': true or false"),
+    ],
+)
+def test_bad_peft_settings_are_named_before_anything_changes(tmp_path, metadata, message):
+    """peft settings in a file's metadata are read as they are used: each bad one is a line naming
+    it, not a traceback, a late "not finite" or (use_rslora "false") a silent alpha / sqrt(r)."""
+    _, model = trained_toy()
+    path = tmp_path / "lora.safetensors"
+    tensors = {f"transformer.{k}": v for k, v in lora_state_dict(model).items()}
+    safetensors.torch.save_file(tensors, path, metadata={"lora_adapter_metadata": metadata})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        load_lora(model, path)
+    assert str(e.value) == f"{path}: lora_adapter_metadata: {message}", str(e.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_tensor_named_twice_a_huge_alpha_or_a_rank_zero_lora_is_refused(tmp_path):
+    """Catches the second spelling of a module's tensor silently winning over the first, an alpha
+    that overflows only once sampling has run, and a ZeroDivisionError for a rank-0 LoRA."""
+    _, model = trained_toy()
+    sd = lora_state_dict(model)
+    twice = {f"transformer.{k}": v for k, v in sd.items()}
+    twice["base_model.model.transformer_blocks.0.attn.to_q.lora_B.weight"] = torch.ones(32, 4)
+    safetensors.torch.save_file(twice, tmp_path / "twice.safetensors")
+    with pytest.raises(
+        ValueError, match="to_q.lora_B.weight and .*to_q.lora_B.weight are the same"
+    ):
+        load_lora(model, tmp_path / "twice.safetensors")
+    huge = {**sd, "transformer_blocks.0.attn.to_q.alpha": torch.tensor(1e300, dtype=torch.float64)}
+    safetensors.torch.save_file(huge, tmp_path / "huge.safetensors")
+    with pytest.raises(ValueError, match=r"to_q\.alpha: alpha 1e\+300 is out of range"):
+        load_lora(model, tmp_path / "huge.safetensors")
+    sd["transformer_blocks.0.attn.to_q.lora_A.weight"] = torch.zeros(0, 32)
+    sd["transformer_blocks.0.attn.to_q.lora_B.weight"] = torch.zeros(32, 0)
+    safetensors.torch.save_file(sd, tmp_path / "rank0.safetensors")
+    with pytest.raises(ValueError, match=r"to_q\.lora_A\.weight: rank 0 \(no rows\)"):
+        load_lora(model, tmp_path / "rank0.safetensors")
+
+
 def test_unsupported_tensors_are_rejected_by_name(tmp_path):
     _, model = trained_toy()
     sd = lora_state_dict(model)
