@@ -29,6 +29,7 @@ import ipaddress
 import json
 import math
 import os
+import select
 import socket
 import sys
 import threading
@@ -146,6 +147,20 @@ class Cancelled(Exception):
     """The server is stopping: the running edit ends at its next sampler step."""
 
 
+class ClientGone(Exception):
+    """The client hung up mid-edit: the edit ends at its next sampler step (no one waits for it,
+    and it holds the one-edit lock)."""
+
+
+def hung_up(connection: socket.socket) -> bool:
+    """Whether the client closed its side: the socket reads end-of-file (a peek, nothing taken)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed
+        return True
+
+
 def split_host(header: str) -> str:
     """The host name of a Host header, without its port ("[::1]:7860" -> "::1")."""
     header = header.strip().lower()
@@ -186,6 +201,10 @@ class EditServer(ThreadingHTTPServer):
     daemon_threads = False
 
     def __init__(self, address, render: Render, settings: Settings, flavour: str, max_upload: int):
+        # first: a failed bind calls server_close() from inside super().__init__
+        self.stopping = threading.Event()
+        self.connections = set()  # open sockets, so that stopping can end their idle reads
+        self.connections_lock = threading.Lock()
         super().__init__(address, Handler)
         self.render, self.settings, self.flavour, self.max_upload = (
             render,
@@ -195,9 +214,6 @@ class EditServer(ThreadingHTTPServer):
         )
         self.page = page(settings, flavour).encode()
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.connections = set()  # open sockets, so that stopping can end their idle reads
-        self.connections_lock = threading.Lock()
         # replaced whole, never mutated, so a poll reads a consistent snapshot without a lock
         self.progress = {"busy": False, "step": 0, "steps": 0, "preview": None}
 
@@ -277,6 +293,12 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(e.status, e.message)
         except Cancelled:
             self.reply(503, "the server is stopping; the edit was cancelled")
+        except ClientGone:
+            self.log_message("%s", "the client hung up: its edit stopped")
+            self.close_connection = True
+        except TimeoutError:  # a client that stalls mid-upload for `timeout` seconds
+            self.log_message("%s", f"the upload stalled for {self.timeout} s: dropped")
+            self.close_connection = True
         except Exception as e:  # a bug answers 500 and leaves the server running
             self.log_error("%s", f"internal error: {type(e).__name__}: {one_line(e)}")
             self.reply(500, f"internal error: {type(e).__name__}: {one_line(e)}")
@@ -285,8 +307,9 @@ class Handler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         cross_site = self.headers.get("Sec-Fetch-Site") == "cross-site"
         if cross_site or (origin and urlsplit(origin).netloc != self.headers.get("Host")):
+            sender = origin or "another site"  # Sec-Fetch-Site said so, with no Origin
             raise HTTPError(
-                403, f"requests from {origin} are refused: use the page this server serves"
+                403, f"requests from {sender} are refused: use the page this server serves"
             )
         fields = parse_form(self.read_body(), self.headers.get("Content-Type", ""))
         prompt = text_field(fields, "prompt")
@@ -311,12 +334,18 @@ class Handler(BaseHTTPRequestHandler):
             except images.ImageError as e:
                 raise HTTPError(400, one_line(e)) from None
             self.server.progress = {"busy": True, "step": 0, "steps": s.steps, "preview": None}
+
+            def on_step(step: int, steps: int, preview: Image.Image | None) -> None:
+                self.server.on_step(step, steps, preview)  # first: a stop says Cancelled
+                if hung_up(self.connection):
+                    raise ClientGone()
+
             try:
                 image, _ = self.server.render(
                     prompt,
                     ref,
                     s,
-                    on_step=self.server.on_step,
+                    on_step=on_step,
                     progress=False,
                     on_warning=warnings.append,
                 )
@@ -369,10 +398,13 @@ class Handler(BaseHTTPRequestHandler):
         body = (body + "\n").encode() if isinstance(body, str) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        for message in getattr(self, "warnings", []):  # HTTP headers are Latin-1: ASCII only
+        warnings = getattr(self, "warnings", [])
+        for message in warnings:  # HTTP headers are Latin-1: ASCII only
             self.send_header(
                 "X-Minicat-Warning", one_line(message).encode("ascii", "replace").decode()
             )
+        if warnings:  # all of them in one header the page parses (fetch joins repeats with ", ")
+            self.send_header(WARNINGS_HEADER, json.dumps([one_line(m) for m in warnings]))
         self.warnings = []
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -383,7 +415,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_request(self, code="-", size="-") -> None:
-        if not self.path.startswith("/api/progress"):  # the page polls twice a second
+        # the page polls twice a second; a malformed request line has no path at all
+        if not getattr(self, "path", "").startswith("/api/progress"):
             super().log_request(code, size)
 
 
@@ -397,7 +430,13 @@ def make_server(
 ) -> EditServer:
     """The server, bound and not yet serving (port 0: a free port, see .server_address)."""
     assert flavour in ("edit", "t2i"), flavour
-    return EditServer((host, port), render, settings, flavour, max_upload)
+    try:
+        return EditServer((host, port), render, settings, flavour, max_upload)
+    except OSError as e:  # the port is taken, the name unknown, the address not this machine's
+        raise ValueError(
+            f"--host {host} --port {port}: cannot listen there ({e.strerror or e}): choose "
+            "another --port, or a --host of this machine"
+        ) from None
 
 
 def serve(
@@ -435,6 +474,11 @@ def serve(
 # The page: one file, no external assets; {{KEY}} marks what page() fills in.
 
 
+WARNINGS_HEADER = (
+    "X-Minicat-Warnings"  # a JSON list (ASCII: json escapes the rest); the page shows it
+)
+
+
 def page(s: Settings, flavour: str) -> str:
     edit = flavour == "edit"
     image_field = (
@@ -448,6 +492,7 @@ def page(s: Settings, flavour: str) -> str:
         "PROMPT_LABEL": "Instruction" if edit else "Prompt",
         "ACTION": "Edit" if edit else "Generate",
         "FLAVOUR": flavour,
+        "WARNINGS_HEADER": WARNINGS_HEADER,
         "AUTO": "about 1 MP at the image's aspect" if edit else "1024",
         "NEGATIVE": html.escape(s.negative),
         "SEED": str(s.seed),
@@ -492,7 +537,7 @@ button:disabled{background:#999;cursor:wait}#error{color:#b00020;white-space:pre
 #status{display:none;margin-bottom:16px}progress{width:100%}#preview{display:none;margin-top:8px}
 .card{margin-bottom:16px;display:flex;gap:12px;align-items:flex-start;flex-wrap:wrap}
 .card img,#preview{max-width:100%;max-height:70vh}.card .thumb{max-width:160px}
-.meta{font-size:13px;color:#555;flex-basis:100%}
+.meta{font-size:13px;color:#555;flex-basis:100%}.warn{font-size:13px;color:#9a5b00;flex-basis:100%}
 #results:empty::before{content:"Results appear here, newest first.";color:#888}
 section{min-width:0}
 @media (max-width:700px){main{grid-template-columns:1fr;padding:10px;gap:12px}
@@ -534,7 +579,7 @@ async function poll() {
     if (p.preview) { $("preview").src = p.preview; $("preview").style.display = "block"; }
   } catch (e) {}  // the next poll tries again
 }
-function addResult(blob, fields, seconds) {
+function addResult(blob, fields, seconds, warnings) {
   const url = URL.createObjectURL(blob), card = document.createElement("div"), img = new Image();
   const meta = document.createElement("div"), n = $("results").children.length + 1;
   card.className = "card"; meta.className = "meta"; img.src = url;
@@ -552,7 +597,12 @@ function addResult(blob, fields, seconds) {
     link.href = url; link.download = `{{FLAVOUR}}-${n}-seed${seed}.png`; link.textContent = "download";
     meta.append(link);
   };
-  card.append(img, meta); $("results").prepend(card);
+  card.append(img, meta);
+  for (const text of warnings) {  // a prompt cut at 512 tokens, a stretched reference
+    const line = document.createElement("div"); line.className = "warn";
+    line.textContent = `warning: ${text}`; card.append(line);
+  }
+  $("results").prepend(card);
 }
 form.onsubmit = async function (event) {
   event.preventDefault();
@@ -564,7 +614,8 @@ form.onsubmit = async function (event) {
   try {
     const reply = await fetch("/api/edit", {method: "POST", body: fields});
     if (!reply.ok) throw new Error(`${reply.status}: ${(await reply.text()).trim()}`);
-    addResult(await reply.blob(), fields, (performance.now() - started) / 1000);
+    const warnings = JSON.parse(reply.headers.get("{{WARNINGS_HEADER}}") || "[]");
+    addResult(await reply.blob(), fields, (performance.now() - started) / 1000, warnings);
   } catch (e) {
     $("error").textContent = e.message;
   } finally {

@@ -143,11 +143,11 @@ def test_t2i_page_has_no_image_field_and_generates(tiny_t2i):
 
 def test_edit_returns_a_png_of_the_asked_size(server):
     status, content_type, body = post(
-        server, image=png(), prompt=PROMPT, width=96, height=64, guidance=1
-    )
+        server, image=png(), prompt=PROMPT, width=128, height=96, guidance=1
+    )  # the upload's 4:3 (another aspect keeps the upload's, with a warning: below)
     assert status == 200 and content_type == "image/png", body[:300]
     image = Image.open(io.BytesIO(body))
-    assert image.format == "PNG" and image.size == (96, 64), (image.format, image.size)
+    assert image.format == "PNG" and image.size == (128, 96), (image.format, image.size)
 
 
 def test_same_seed_same_bytes_as_the_cli(server, tiny_edit, tmp_path):
@@ -340,7 +340,7 @@ def test_a_cross_site_fetch_is_refused_even_without_an_origin(server):
     body, content_type = form(image=png(), prompt=PROMPT)
     headers = {"Content-Type": content_type, "Sec-Fetch-Site": "cross-site"}
     status, _, reply = request(server, "/api/edit", body, headers)
-    assert status == 403, (status, reply)
+    assert status == 403 and b"requests from another site are refused" in reply, (status, reply)
 
 
 def slow_render(prompt, ref, s, on_step=None, progress=True, on_warning=None):
@@ -379,6 +379,33 @@ def test_closing_the_server_cancels_the_edit_and_joins_every_request_thread():
     assert not alive, alive
     assert took < 20, f"server_close took {took:.0f} s"
     assert answer == {"status": 503}, answer
+
+
+def test_a_client_that_hangs_up_mid_edit_stops_it_and_frees_the_server(capsys):
+    """The browser tab closed while the sampler runs: the edit stops at its next step and the
+    lock is free for the next user, with one plain line on the console. Catches the edit running
+    on for nobody (others get 429 meanwhile) and its "internal error" lines."""
+    server = serve.make_server(slow_render, pipeline.Settings(size=(32, 32)), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        body, content_type = form(image=png(), prompt=PROMPT)
+        head = f"POST /api/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        client = socket.create_connection(server.server_address[:2], timeout=30)
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 30
+        while get_progress(server)["step"] < 2:
+            assert time.time() < deadline, "the edit never started"
+            time.sleep(0.02)
+        client.close()
+        while get_progress(server)["busy"]:  # slow_render would take 100 s on its own
+            assert time.time() < deadline, "the edit ran on after its client hung up"
+            time.sleep(0.02)
+        assert not server.lock.locked()
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "the client hung up: its edit stopped" in err and "internal error" not in err, err
 
 
 @pytest.mark.parametrize("when", ["before sampling", "while sampling"])
@@ -428,6 +455,28 @@ def test_ctrl_c_during_an_edit_stops_cleanly(tiny_edit, when):
     assert answer.get("status") == 503 or "error" in answer, answer
 
 
+def test_the_reply_carries_every_warning_in_the_header_the_page_reads(server):
+    """A prompt past 512 tokens and a size that would stretch the upload: both warnings, as one
+    JSON list in the header the page's script parses (and shows in the result's card). Catches the
+    page reading nothing (the warnings only in /api/progress, which the page never looks at)."""
+    body, content_type = form(
+        image=png(), prompt=PROMPT + " and" * 600, steps=1, width=16, height=256
+    )
+    host, port = server.server_address[:2]
+    req = urllib.request.Request(
+        f"http://{host}:{port}/api/edit", data=body, headers={"Content-Type": content_type}
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        warnings = json.loads(r.headers[serve.WARNINGS_HEADER])
+        assert Image.open(io.BytesIO(r.read())).size == (80, 64)  # 64x48's aspect at 16 x 256
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("16x256 would stretch the reference (64x48)"), warnings
+    assert "only the first 512 are used" in warnings[1], warnings
+    page = request(server, "/")[2].decode()
+    assert f'JSON.parse(reply.headers.get("{serve.WARNINGS_HEADER}")' in page
+    assert 'line.className = "warn"' in page and "card.append(line)" in page
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -455,3 +504,32 @@ def test_a_prompt_past_512_tokens_is_cut_with_a_warning_the_page_shows(server):
     assert len(warnings) == 1 and "only the first 512 are used" in warnings[0], warnings
     post(server, image=png(), prompt=PROMPT, steps=1)
     assert get_progress(server)["warnings"] == []  # a short prompt: no warning
+
+
+def test_a_port_in_use_or_an_unknown_host_is_one_line():
+    """Catches the AttributeError a failed bind raised (server_close ran inside __init__, before
+    the server had its stop event), hiding the real error."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"--port {port}: cannot listen there .*in use"):
+            serve.make_server(None, pipeline.Settings(), port=port)
+    with pytest.raises(ValueError, match="--host no-such-host.invalid --port 0: cannot listen"):
+        serve.make_server(None, pipeline.Settings(), host="no-such-host.invalid", port=0)
+
+
+def test_a_malformed_request_line_gets_an_answer(server, capsys):
+    """Garbage instead of a request line, and a 70,000-character path: each gets the standard
+    error reply (400, 414). Catches the logger reading a path that was never set (no reply at
+    all, an AttributeError on the console)."""
+    host, port = server.server_address[:2]
+    for line in (b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+        with socket.create_connection((host, port), timeout=30) as c:
+            c.sendall(line)
+            answer = b""
+            while chunk := c.recv(4000):  # the server closes after an error
+                answer += chunk
+        # garbage gets the error page alone (HTTP/0.9 style), the long path a 414 with its head
+        assert b"Error code: 400" in answer or b"Error code: 414" in answer, answer
+    assert "has no attribute" not in capsys.readouterr().err
