@@ -1109,6 +1109,12 @@ def validation_set(cfg: config.Config, cfg_dir: Path, samples: list, flavour: st
         size = (width, height)
         if loaded:
             size = pipeline.edit_size(*loaded[0].size, area=width * height)
+        for name, r in list(zip(names, loaded, strict=True))[1:]:
+            if (d := pipeline.stretch(r.size, size)) > pipeline.STRETCH:
+                print(
+                    f"warning: validation_reference {name} ({r.width}x{r.height}) is stretched "
+                    f"by {d:.0%} to {size[0]}x{size[1]}, the first reference's shape"
+                )
         ref_images = [r.resize(size, Image.LANCZOS) for r in loaded]
         val.append({"prompt": prompt, "ref_images": ref_images, "size": size})
     return val

@@ -757,10 +757,14 @@ SAFETENSORS_DTYPES = {
 
 
 def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, which is always an object."""
     try:
-        return json.loads(Path(path).read_text())
+        found = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{path}: a JSON object, not {type(found).__name__} (damaged?)")
+    return found
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -284,6 +284,18 @@ def edit_size(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, in
     return int(-(-w // 16) * 16), int(-(-h // 16) * 16)
 
 
+# A reference resized to a size whose aspect differs by more than this is said to be stretched
+# (rounding sides to 16 px stretches small images by a few percent: diffusers does the same).
+STRETCH = 0.10
+
+
+def stretch(size: tuple[int, int], to: tuple[int, int]) -> float:
+    """How much resizing `size` to `to` distorts its aspect: 0.25 = one side 25 % longer than the
+    aspect would have it."""
+    ratio = (to[0] / to[1]) / (size[0] / size[1])
+    return max(ratio, 1 / ratio) - 1
+
+
 # The range of every generation setting: validate.py's flags, the web page's form and training's
 # validation_* keys are all held to these.
 LIMITS = {
@@ -412,11 +424,18 @@ def generate(
         )
     if not torch.isfinite(z).all():
         raise ValueError(
-            "the sampled image is not finite (NaN or inf): a LoRA or --lora-scale that breaks the "
-            "model, or float16 overflow (try --dtype bfloat16)"
+            "the sampled image is not finite (NaN or inf): the transformer's weights (a damaged "
+            "checkpoint), a LoRA or --lora-scale that breaks the model, or float16 overflow (try "
+            "--dtype bfloat16)"
         )
     with explain_oom(f"decoding {w}x{h}", device=param.device):
-        return images.tensor_to_pil(M.from_latent(vae, z)), previews
+        x = M.from_latent(vae, z)  # (1, 3, H, W)
+    if not torch.isfinite(x).all():  # a NaN pixel would be written as black, with no word
+        raise ValueError(
+            "the decoded image is not finite (NaN or inf): the VAE's weights (a damaged "
+            "checkpoint) or float16 overflow (try --dtype bfloat16)"
+        )
+    return images.tensor_to_pil(x), previews
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,20 +664,34 @@ def render(
     models: Models, prompt: str, ref, s: Settings, on_step=None, progress=True, on_warning=None
 ):
     """The whole pipeline on a Models: prompt (+ the reference PIL image to edit, or a list of them)
-    -> (image, previews). The output size is ~1 MP at the first reference's aspect unless s.size
-    says otherwise; every reference is resized to it. on_warning(message) hears what is worth a
-    word (a prompt cut at 512 tokens); by default it goes to stderr once."""
+    -> (image, previews). The output size is ~1 MP at the first reference's aspect, or s.size
+    (where s.size would stretch the first reference by over STRETCH, its area at the reference's
+    aspect); every reference is resized to it. on_warning(message) hears what is worth a word (a
+    prompt cut at 512 tokens, a stretched reference); by default it goes to stderr once."""
     refs = [] if ref is None else ref if isinstance(ref, list) else [ref]
+    warn = on_warning or warn_once
     if s.size is not None:
         size = s.size
+        if refs and (d := stretch(refs[0].size, size)) > STRETCH:  # keep its aspect, at that area
+            size = edit_size(*refs[0].size, area=size[0] * size[1])
+            warn(
+                "{}x{} would stretch the reference ({}x{}) by {:.0%}: the edit keeps the "
+                "reference's aspect at that area, {}x{}".format(*s.size, *refs[0].size, d, *size)
+            )
     elif refs:
         size = edit_size(*refs[0].size)
     else:
         size = (1024, 1024)
+    for k, r in enumerate(refs[1:], start=2):
+        if (d := stretch(r.size, size)) > STRETCH:
+            warn(
+                "reference {} ({}x{}) is stretched by {:.0%} to {}x{}, the first reference's "
+                "shape".format(k, *r.size, d, *size)
+            )
     refs = [r.resize(size, Image.LANCZOS) for r in refs]
     with explain_oom("encoding the prompt", device=models.device):
         te = models.text_encoder()
-        te.warn = on_warning or warn_once
+        te.warn = warn
         txt = te.encode(prompt, refs or None)
         neg = None
         if s.guidance > 1:  # the negative prompt sees the same reference images

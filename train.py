@@ -1208,9 +1208,13 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FloatingPointError, OSError) as e:
         pipeline.close_progress_bars()
         sys.exit("\n".join(f"error: {line}" for line in str(e).splitlines()))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # 130, as a shell reports Ctrl-C: a script can tell it from a failure
         pipeline.close_progress_bars()
-        sys.exit("interrupted: run the same command again to resume from the last checkpoint")
+        print(
+            "interrupted: run the same command again to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,19 @@ import model as M
 import pipeline
 import quant
 import serve
-from files import write_atomic, write_new
+from files import remove_stale_temporaries, write_atomic, write_new
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag as one `error:` line (not the 20-line usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (python validate.py --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", help="checkpoint folder, hub id, or tiny / tiny-t2i")
@@ -145,8 +153,8 @@ def check_loras(files: list[str], ckpt: Path) -> M.TransformerConfig:
     with torch.device("meta"):
         skeleton = M.LongCatTransformer(transformer_config)
     for f in files:
-        if not Path(f).is_file():
-            raise ValueError(f"--lora {f}: no such file")
+        if not Path(f).exists():  # a folder is read as a training output_dir
+            raise ValueError(f"--lora {f}: no such file or folder")
         try:
             lora.check_lora(skeleton, *lora.read_lora(f))
         except ValueError as e:
@@ -154,24 +162,39 @@ def check_loras(files: list[str], ckpt: Path) -> M.TransformerConfig:
     return transformer_config
 
 
-def output_path(out: str | None, stem: str, overwrite: bool) -> Path:
+def output_path(out: str | None, stem: str, overwrite: bool, key: str = "--out") -> Path:
     """Where the image goes: --out (never replaced without --overwrite) or the next free
-    STEM-NNNN.png; its folder is made and checked to be writable now, not after the whole run."""
+    STEM-NNNN.png; its folder is made and checked to be writable now, not after the whole run.
+    `key` names the file in messages (--out, or a preview of it)."""
+    if out is not None and not out.strip():
+        raise ValueError(f"{key} is empty: give a file name, or leave --out out")
     path = Path(out) if out else next_free(stem)
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ValueError(f"--out {path}: use a .png, .jpg or .webp file name")
-    if path.is_dir() or (path.exists() and not overwrite):
+        raise ValueError(f"{key} {path}: use a .png, .jpg or .webp file name")
+    if path.is_dir():
+        raise ValueError(f"{key} {path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
         raise ValueError(
-            f"--out {path}: already exists; pass --overwrite to replace it, or another --out"
+            f"{key} {path}: already exists; pass --overwrite to replace it, or another --out"
         )
+    if blocked := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        raise ValueError(f"{key} {path}: {blocked} is a file, not a folder; choose another --out")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+        raise ValueError(f"{key} {path}: cannot write there ({e.strerror or e})") from None
     return path
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (another spelling, a link), as far as can be told now."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 def next_free(stem: str) -> Path:
@@ -221,8 +244,15 @@ def prepare(args: argparse.Namespace) -> dict:
     name = args.model or config.FLAVOUR_MODELS[args.model_flavour or "edit"]
     ckpt = config.resolve_checkpoint(name)
     flavour = M.read_flavour(ckpt)
-    if not args.serve and not args.prompt:
+    if not args.serve and not (args.prompt or "").strip():
         raise ValueError("--prompt is required (or --serve for the web page)")
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        try:
+            (text or "").encode("utf-8")  # bytes the shell could not decode become surrogates
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{flag}: not valid UTF-8 text; check the terminal's encoding"
+            ) from None
     if not args.serve and flavour == "edit" and not args.ref:
         raise ValueError(f"{name} is an edit checkpoint: give the image to edit with --ref")
     if flavour == "t2i" and args.ref:
@@ -237,13 +267,26 @@ def prepare(args: argparse.Namespace) -> dict:
     config.check_attention(args.attention, device, dtype, head_dim, grad=False, key="--attention")
     if args.attention == "cudnn":
         print(f"warning: --attention cudnn: {config.CUDNN_NOTE}", file=sys.stderr)
+    for line in unused_flags(args, flavour):
+        print(f"warning: {line}", file=sys.stderr)
     refs = [images.load_rgb(Path(r), key="--ref") for r in args.ref]
     out = None
     if not args.serve:
         out = output_path(args.out, "edit" if refs else "t2i", args.overwrite)
+    if out is not None:  # what a validate.py killed while writing here left (a dead PID's)
+        for leftover in remove_stale_temporaries(out.parent):
+            print(f"removed {leftover}, left by a killed run", file=sys.stderr)
+    written = [out] if out is not None else []
     if out is not None and args.preview_every:
         for step in range(args.preview_every, args.steps, args.preview_every):
-            output_path(str(preview_path(out, step)), "", args.overwrite)
+            preview = preview_path(out, step)
+            written.append(output_path(str(preview), "", args.overwrite, "--out's preview"))
+    for path in written:  # --overwrite replaces an image, never the one being edited
+        if ref := next((r for r in args.ref if same_file(Path(r), path)), None):
+            raise ValueError(
+                f"--out {path} is the reference --ref {ref}: write the edit elsewhere (the "
+                "reference is never replaced)"
+            )
     return {
         "device": device,
         "dtype": dtype,
@@ -253,6 +296,23 @@ def prepare(args: argparse.Namespace) -> dict:
         "settings": s,
         "out": out,
     }
+
+
+def unused_flags(args: argparse.Namespace, flavour: str) -> list[str]:
+    """Flags given that this run does not use: each is said, as a flag that does nothing silently
+    looks like one that worked."""
+    lines = []
+    if args.serve and (args.prompt or args.ref or args.out):
+        lines.append("--prompt, --ref and --out are not used with --serve (the page asks)")
+    if not args.serve and (args.host != "127.0.0.1" or args.port != 7860 or args.resident):
+        lines.append("--host, --port and --resident are for --serve only")
+    if args.negative_prompt and args.guidance <= 1:
+        lines.append(f"--negative-prompt is not used: --guidance {args.guidance:g} <= 1 is no CFG")
+    if flavour == "edit" and (not args.cfg_renorm or args.cfg_renorm_min):
+        lines.append("--cfg-renorm and --cfg-renorm-min are for text-to-image checkpoints only")
+    if 0 < args.preview_every >= args.steps and not args.serve:
+        lines.append(f"--preview-every {args.preview_every} saves no preview in {args.steps} steps")
+    return lines
 
 
 def preview_path(out: Path, step: int) -> Path:
@@ -301,9 +361,10 @@ def main(argv=None) -> None:
     except (ValueError, OSError) as e:
         pipeline.close_progress_bars()
         sys.exit("error: " + " ".join(str(e).split()))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # 130, as a shell reports Ctrl-C: a script can tell it from a failure
         pipeline.close_progress_bars()
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

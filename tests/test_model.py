@@ -320,6 +320,17 @@ def test_validate_names_a_truncated_checkpoint_in_one_line(tiny_t2i, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("name", ["model_index.json", "transformer/config.json"])
+def test_a_checkpoint_json_that_is_not_an_object_is_named(tiny_t2i, tmp_path, name):
+    """Catches an AttributeError traceback (a list has no .get) for a damaged config file."""
+    broken = shutil.copytree(tiny_t2i, tmp_path / "ckpt")
+    (broken / name).write_text("[]")
+    proc = validate_cli(
+        model=broken, prompt="x", steps=1, resolution="64x64", out=tmp_path / "o.png", check=False
+    )
+    assert_one_line_error(proc, f"{broken / name}: a JSON object, not list")
+
+
 def test_math_attention_agrees_with_the_default_kernel(tiny_edit):
     """The "math" backend really switches kernels (torch's fused CPU kernel is one op; the math
     path dispatches its matmuls and softmax instead), and the two agree closely."""

@@ -19,6 +19,7 @@ from PIL import Image
 from test_data import RES, Encoders, build, edit_config, save_image
 from test_train import losses, write_config
 
+import config
 import data
 import model as M
 import train
@@ -247,3 +248,18 @@ def test_a_validation_reference_on_a_text_to_image_checkpoint_is_refused(tiny_t2
     result = train_cli(path, check=False)
     assert_one_line_error(result, "validation_reference is set, but the checkpoint is text-to-")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_validation_reference_of_another_shape_is_named_as_stretched(tiny_edit, tmp_path, capsys):
+    """Validation sizes the edit by the first reference; a second of another shape is resized to
+    it, and said so, naming it. Catches a silent squash."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    save_image(a, (64, 48), seed=0)
+    save_image(b, (48, 64), seed=1)
+    cfg = config.load_config(Path(write_config(tmp_path, tiny_edit)), [])
+    cfg.validation_steps, cfg.validation_resolution = 2, "64x48"
+    cfg.validation_prompt, cfg.validation_reference = ["x"], [[str(a), str(b)]]
+    (val,) = data.validation_set(cfg, tmp_path, [], "edit")
+    assert val["size"] == (64, 48) and [r.size for r in val["ref_images"]] == [(64, 48)] * 2
+    said = capsys.readouterr().out
+    assert f"warning: validation_reference {b} (48x64) is stretched by 78% to 64x48" in said, said

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -663,3 +664,15 @@ def test_a_config_without_datasets_names_its_file(tmp_path):
     message = fails([str(path)])
     assert message.startswith(f"error: {path} names no datasets"), message
     assert "data_backend_config" in message and "\n" not in message, message
+
+
+def test_ctrl_c_exits_130_with_the_way_on(monkeypatch, capsys, tmp_path):
+    """Ctrl-C is rc 130 (as a shell reports it), so a script tells it from a failure (rc 1); the
+    message says how to resume. Catches sys.exit(message), which is rc 1."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    monkeypatch.setattr(train, "train", Mock(side_effect=KeyboardInterrupt))
+    with pytest.raises(SystemExit) as stop:
+        train.main([str(cfg)])
+    assert stop.value.code == 130
+    assert "interrupted: run the same command again" in capsys.readouterr().err

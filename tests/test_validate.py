@@ -2,15 +2,19 @@
 prompts; its prompt encoding held to diffusers' encode_prompt; every input checked before a model
 loads; nothing overwritten; each model read from disk once."""
 
+import math
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, diffusers_pipeline, psnr, run_script, validate_cli
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import files
 import images
 import lora
 import model as M
@@ -348,6 +352,24 @@ def test_int8_cuts_peak_resident_memory_where_the_transformer_dominates(tiny_t2i
 # Inputs: read as training reads them, checked before any model loads
 
 
+def test_a_size_that_would_stretch_the_reference_keeps_its_aspect_and_says_so(tiny_edit, tmp_path):
+    """--resolution 16x256 for a 4:3 reference would squash it to 1:16: the edit keeps 4:3 at that
+    area (80x64), as training's validation does, with a warning; a second reference of another
+    shape is named as stretched. Catches the silent squash."""
+    a, b = reference(tmp_path / "a.png", 64, 48), reference(tmp_path / "b.png", 48, 64, seed=1)
+    out = tmp_path / "o.png"
+    proc = validate_cli(
+        model=tiny_edit, ref=[a, b], prompt="x", steps=1, resolution="16x256", out=out
+    )
+    assert Image.open(out).size == (80, 64)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: 16x256 would stretch the reference (64x48) by 2033%: the edit keeps the "
+        "reference's aspect at that area, 80x64",
+        "warning: reference 2 (48x64) is stretched by 67% to 80x64, the first reference's shape",
+    ], proc.stderr
+
+
 def test_an_exif_rotated_portrait_is_edited_as_a_portrait(tiny_edit, tmp_path):
     landscape = Image.open(reference(tmp_path / "r.png", 128, 64))
     exif = Image.Exif()
@@ -380,6 +402,9 @@ def bad_lora(kind: str, tmp_path):
     if kind == "pickle":
         path.write_bytes(pickle.dumps({"a": 1}))
         return path
+    if kind == "torchsave":
+        torch.save({"a": torch.zeros(1)}, path)
+        return path
     a = torch.zeros(4, 65) if kind == "shape" else torch.full((4, 64), float("nan"))
     save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": torch.zeros(64, 4)}, str(path))
     return path
@@ -392,8 +417,11 @@ def bad_lora(kind: str, tmp_path):
         (dict(resolution="100x64"), "multiples of 16"),
         (dict(ref="{tmp}/nope.png"), "--ref {tmp}/nope.png: cannot read image"),
         (dict(lora="{tmp}/nope.safetensors"), "--lora {tmp}/nope.safetensors: no such file"),
+        (dict(lora="{tmp}/garbage.safetensors"), "garbage.safetensors: not a readable safetensors"),
         (dict(ref=None), "is an edit checkpoint: give the image to edit with --ref"),
-        (dict(lora="pickle"), "pickle.safetensors: not a readable safetensors LoRA"),
+        (dict(lora="pickle"), "pickle.safetensors: a PyTorch pickle (.pt/.bin/.ckpt), which is"),
+        (dict(lora="torchsave"), "torchsave.safetensors: a PyTorch pickle"),
+        (dict(lora="{tmp}/d.png"), "d.png holds none of"),  # a folder: an output_dir's LoRA
         (dict(lora="shape"), "to_q.lora_A.weight: expected shape (4, 64), got (4, 65)"),
         (dict(lora="nan"), "to_q.lora_A.weight holds NaN"),
         (dict(lora_scale="nan"), "--lora-scale nan: must be a finite number"),
@@ -401,18 +429,27 @@ def bad_lora(kind: str, tmp_path):
         (dict(seed=-1), "--seed -1: must be between"),
         (dict(device="bogus"), "--device 'bogus': not a device"),
         (dict(device="cuda:99"), "--device 'cuda:99': not available here"),
-        (dict(out="{tmp}/file.txt/o.png"), "cannot write there"),
+        (dict(out="{tmp}/file.txt/o.png"), "{tmp}/file.txt is a file, not a folder"),
+        (dict(out="{tmp}/r.png", overwrite=True), "--out {tmp}/r.png is the reference --ref"),
+        (dict(out="{tmp}/./r.png", overwrite=True), "is the reference --ref {tmp}/r.png"),
+        (dict(out="{tmp}/d.png", overwrite=True), "--out {tmp}/d.png: is a folder"),
+        (dict(out=""), "--out is empty"),
+        (dict(prompt="   "), "--prompt is required"),
+        (dict(prompt="caf\udce9"), "--prompt: not valid UTF-8 text"),  # the byte 0xE9 alone
         (dict(quant="int4"), "--quant: unknown quantization mode 'int4'"),
     ],
 )
 def test_bad_input_is_one_line_before_any_model_loads(tiny_edit, tmp_path, extra, message):
     (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00" * 64)
     ref = reference(tmp_path / "r.png", 64, 64)
+    before = ref.read_bytes()
     args = dict(model=tiny_edit, ref=ref, prompt="x", steps=1, out=tmp_path / "o.png")
     for key, value in extra.items():
         value = (
             str(bad_lora(value, tmp_path))
-            if key == "lora" and value in ("pickle", "shape", "nan")
+            if key == "lora" and value in ("pickle", "torchsave", "shape", "nan")
             else value
         )
         args[key] = value.format(tmp=tmp_path) if isinstance(value, str) else value
@@ -421,6 +458,7 @@ def test_bad_input_is_one_line_before_any_model_loads(tiny_edit, tmp_path, extra
     printed = proc.stdout + proc.stderr  # tqdm's bars go to stdout, transformers' to stderr
     assert "Loading weights" not in printed and "sampling" not in printed, printed  # nothing loaded
     assert not (tmp_path / "o.png").exists()
+    assert ref.read_bytes() == before  # the reference is as it was
 
 
 def test_a_decompression_bomb_reference_is_refused(tiny_edit, tmp_path):
@@ -451,8 +489,16 @@ def test_an_existing_out_is_never_replaced_without_overwrite(tiny_t2i, tmp_path)
 
 
 def test_default_output_never_overwrites_and_previews_are_saved(tiny_t2i, tmp_path):
+    """Also: a killed run's temporary (a dead PID's) in the output folder is removed, a live
+    one's is not."""
+    dead = tmp_path / f"t2i-0000.png.tmp-{files.HOST}-{2**22 + 12345}"
+    live = tmp_path / f"t2i-0009.png.tmp-{files.HOST}-{os.getppid()}"
+    dead.write_bytes(b"half a png")
+    live.write_bytes(b"being written")
     args = dict(model=tiny_t2i, prompt="x", steps=4, resolution="64x64")
     validate_cli(cwd=tmp_path, **args)
+    assert not dead.exists() and live.exists()
+    live.unlink()
     validate_cli(cwd=tmp_path, preview_every=2, **args)
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["t2i-0000.png", "t2i-0001-step002.png", "t2i-0001.png"], names
@@ -468,6 +514,20 @@ def test_a_non_finite_result_is_an_error_not_a_black_picture(tiny_t2i, tmp_path)
     args = dict(model=tiny_t2i, prompt="x", steps=1, resolution="64x64", out=tmp_path / "o.png")
     proc = validate_cli(lora=tmp_path / "huge.safetensors", check=False, **args)
     assert_one_line_error(proc, "the sampled image is not finite")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_vae_that_decodes_nan_is_an_error_not_a_dark_picture(tiny_t2i, tmp_path):
+    """A NaN in the VAE decoder's last bias: the latent is finite, the pixels are not (and would be
+    written as 0). Catches only the latent checked."""
+    ckpt = shutil.copytree(tiny_t2i, tmp_path / "ckpt")
+    (vae,) = (ckpt / "vae").glob("*.safetensors")
+    weights = dict(load_file(str(vae)))
+    weights["decoder.conv_out.bias"] = torch.full_like(weights["decoder.conv_out.bias"], math.nan)
+    save_file(weights, str(vae))
+    args = dict(model=ckpt, prompt="x", steps=1, resolution="64x64", out=tmp_path / "o.png")
+    proc = validate_cli(check=False, **args)
+    assert_one_line_error(proc, "the decoded image is not finite", "the VAE's weights")
     assert not (tmp_path / "o.png").exists()
 
 
@@ -544,3 +604,45 @@ def test_a_prompt_past_512_tokens_is_cut_with_one_warning(tiny_t2i, tmp_path):
         model=tiny_t2i, prompt="a red fox", steps=1, resolution="64x64", out=tmp_path / "b.png"
     )
     assert "warning:" not in short.stderr, short.stderr
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    """Catches sys.exit("interrupted"), which is rc 1: a script could not tell it from a failure."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(validate, "run", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        validate.main(["--prompt", "x"])
+    assert stop.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_flags_that_would_do_nothing_are_said(tiny_edit):
+    """Each flag this run cannot use is one warning line, before any model loads. Catches a
+    negative prompt or a preview interval silently ignored."""
+    args = validate.parse_args(
+        ["--prompt", "x", "--negative-prompt", "blurry", "--guidance", "1", "--port", "9000"]
+        + ["--preview-every", "5", "--steps", "2", "--no-cfg-renorm"]
+    )
+    lines = validate.unused_flags(args, "edit")
+    assert lines == [
+        "--host, --port and --resident are for --serve only",
+        "--negative-prompt is not used: --guidance 1 <= 1 is no CFG",
+        "--cfg-renorm and --cfg-renorm-min are for text-to-image checkpoints only",
+        "--preview-every 5 saves no preview in 2 steps",
+    ], lines
+    assert validate.unused_flags(validate.parse_args(["--prompt", "x"]), "edit") == []
+    served = validate.parse_args(["--serve", "--prompt", "x"])
+    assert validate.unused_flags(served, "t2i") == [
+        "--prompt, --ref and --out are not used with --serve (the page asks)"
+    ]
+
+
+def test_a_flag_of_the_wrong_type_is_one_line():
+    """Catches argparse's usage block (20 lines before the error)."""
+    proc = run_script(ROOT / "validate.py", "--steps", "many", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: argument --steps/--validation_num_inference_steps: invalid int value: 'many' "
+        "(python validate.py --help lists the flags)"
+    ], proc.stderr
