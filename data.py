@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -100,6 +101,7 @@ class DatasetConfig:
     mask_threshold: int = 16  # a pixel differs when a channel moves by more than this (of 255)
     mask_dilation: int = 16  # grow the differing region by this many pixels
     mask_floor: float = 0.1  # the weight outside it (0: no gradient there)
+    given: frozenset[str] = frozenset()  # the keys the config wrote, to name those with no effect
 
 
 KEYS = {
@@ -183,14 +185,46 @@ def _parse_entry(e: dict, where: str, base_dir: Path, alignment: int) -> Dataset
     ds.mask_threshold = e.get("mask_threshold", ds.mask_threshold)
     ds.mask_dilation = e.get("mask_dilation", ds.mask_dilation)
     ds.mask_floor = e.get("mask_floor", ds.mask_floor)
+    ds.given = frozenset(e)
     if ds.resolution < alignment:
         raise DataError([f"{where}: resolution {ds.resolution} must be at least {alignment}"])
     return ds
 
 
-def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> list[DatasetConfig]:
+def _unused_keys(datasets: list[DatasetConfig]) -> list[str]:
+    """A line per dataset key that has no effect where it is (a reference set's own repeats or
+    size, an instance_prompt beside another caption_strategy, mask settings without mask)."""
+    lines = []
+    for ds in datasets:
+        where = f"dataset '{ds.id}'"
+        if ds.role in ("reference", "mask"):
+            users = [d for d in datasets if ds.id in d.conditioning_data]
+            if "repeats" in ds.given and ds.repeats:
+                lines.append(f"{where}: repeats is not used: a {ds.role} follows its target's")
+            sizes = {d.resolution for d in users}
+            if "resolution" in ds.given and sizes and ds.resolution not in sizes:
+                lines.append(
+                    f"{where}: resolution {ds.resolution} is not used: a {ds.role} is fitted into "
+                    f"its target's bucket (resolution {', '.join(map(str, sorted(sizes)))})"
+                )
+        if "instance_prompt" in ds.given and ds.caption_strategy != "instanceprompt":
+            lines.append(
+                f"{where}: instance_prompt is not used: caption_strategy is "
+                f"{ds.caption_strategy!r} (set it to 'instanceprompt' to use it)"
+            )
+        knobs = sorted(
+            k for k in ("mask_threshold", "mask_dilation", "mask_floor") if k in ds.given
+        )
+        if knobs and ds.mask != "difference":
+            lines.append(f"{where}: {', '.join(knobs)} not used: they tune mask = 'difference'")
+    return lines
+
+
+def parse_datasets(
+    entries: object, base_dir: Path, alignment: object = 64, notes: list[str] | None = None
+) -> list[DatasetConfig]:
     """The config's `[[datasets]]` list -> checked DatasetConfigs; relative paths are relative to
-    base_dir."""
+    base_dir. `notes` hears the keys that have no effect."""
     if (
         not isinstance(alignment, int)
         or isinstance(alignment, bool)
@@ -206,7 +240,7 @@ def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> l
         or not all(isinstance(e, dict) for e in entries)
     ):
         raise DataError(["the config needs [[datasets]] tables"])
-    problems, datasets = [], []
+    problems, datasets, disabled = [], [], set()
     for n, e in enumerate(entries):
         e = {
             k: v for k, v in e.items() if v is not None
@@ -217,11 +251,15 @@ def parse_datasets(entries: object, base_dir: Path, alignment: object = 64) -> l
                 raise DataError(found)
             if not e.get("disabled"):
                 datasets.append(_parse_entry(e, where, base_dir, alignment))
+            else:
+                disabled.add(e.get("id"))
         except DataError as err:
             problems += err.problems
     if problems:  # before the cross-checks, which would only echo these
         raise DataError(problems)
-    _link_roles(datasets)
+    _link_roles(datasets, disabled)
+    if notes is not None:
+        notes += _unused_keys(datasets)
     return datasets
 
 
@@ -243,8 +281,9 @@ def _mask_problems(ds: DatasetConfig, conds: list[DatasetConfig], where: str) ->
     return out
 
 
-def _link_roles(datasets: list[DatasetConfig]) -> None:
-    """Mark edit, reference and mask sets from conditioning_data and check what each role needs."""
+def _link_roles(datasets: list[DatasetConfig], disabled: set = frozenset()) -> None:
+    """Mark edit, reference and mask sets from conditioning_data and check what each role needs
+    (`disabled`: the ids of disabled sets, named as such when another set needs one)."""
     ids, by_id, problems = [d.id for d in datasets], {d.id: d for d in datasets}, []
     problems += [
         f"dataset '{i}': the id is used twice" for i in sorted({i for i in ids if ids.count(i) > 1})
@@ -259,6 +298,11 @@ def _link_roles(datasets: list[DatasetConfig]) -> None:
                 by_id[cond].role = "mask"
             elif cond in by_id:
                 ds.role, by_id[cond].role = "edit", "reference"
+            elif cond in disabled:
+                problems.append(
+                    f"dataset '{ds.id}': conditioning_data names dataset '{cond}', which is "
+                    "disabled: enable it, or disable this one too"
+                )
             else:
                 close = difflib.get_close_matches(cond, ids, n=1)
                 hint = f"did you mean '{close[0]}'?" if close else f"ids: {', '.join(ids)}"
@@ -388,10 +432,34 @@ def _captions(ds: DatasetConfig, path: Path) -> list[str]:
     if ds.caption_strategy == "filename":
         return [c] if (c := path.stem.replace("_", " ").strip()) else []
     try:
-        lines = path.with_suffix(".txt").read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError):  # reported with the missing ones
+        text = path.with_suffix(".txt").read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):  # reported with the missing ones (_no_caption says why)
         return []
-    return [s.strip() for s in lines if s.strip()]
+    if CONTROL.search(text):  # NULs: UTF-16 without a BOM reads as "m\0a\0k\0e" in UTF-8
+        return []
+    # one caption per line, as SimpleTuner: "\n" only (str.splitlines also splits at U+2028, \x85 ...)
+    return [s.strip() for s in text.split("\n") if s.strip()]
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # control characters no caption holds
+
+
+def _no_caption(ds: DatasetConfig, path: Path) -> str:
+    """Why an image has no caption, for the report."""
+    if ds.caption_strategy != "textfile":
+        return "none"
+    txt = path.with_suffix(".txt")
+    try:
+        text = txt.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return f"no {txt.name}"
+    except OSError as e:
+        return f"{txt.name} unreadable: {e.strerror or e}"
+    except UnicodeDecodeError:
+        return f"{txt.name} is not UTF-8"
+    if CONTROL.search(text):
+        return f"{txt.name} holds NUL or control characters (UTF-16 without a BOM?)"
+    return f"{txt.name} is empty"
 
 
 def _inspect(path: Path) -> tuple[str, tuple[int, int]] | str:
@@ -423,7 +491,7 @@ def _pair(
         if ref_sets and not found:
             orphans.append(name)
         if not captions:
-            uncaptioned.append(name)
+            uncaptioned.append(f"{name} ({_no_caption(ds, path)})")
         else:
             refs = [ref for _, ref in found]
             sample = Sample(ds.id, path, refs, captions, ds.repeats)
@@ -449,11 +517,8 @@ def _pair(
             + ", ".join(unmasked)
         )
     if uncaptioned:
-        what = "a caption" + (
-            " file (missing, empty, not UTF-8)" if ds.caption_strategy == "textfile" else ""
-        )
         problems.append(
-            f"dataset '{ds.id}': {len(uncaptioned)} without {what}: {', '.join(uncaptioned)}"
+            f"dataset '{ds.id}': {len(uncaptioned)} without a caption: {', '.join(uncaptioned)}"
         )
     for ref_ds in ref_sets:
         if unused := sorted(set(listing[ref_ds.id]) - set(listing[ds.id])):
@@ -554,7 +619,14 @@ def cut_notes(samples: list[Sample], sizes: dict[Path, tuple[int, int]]) -> list
                     f" fitted to the {bw}x{bh} bucket it keeps {share:.0%} of itself and is "
                     f"scaled {factor:.2g}x as much as the target"
                 )
-    return notes
+    return capped(notes, "cut or rescaled so")
+
+
+def capped(lines: list[str], what: str, at: int = 20) -> list[str]:
+    """The first `at` of many like lines, and a count of the rest (a report stays readable)."""
+    if len(lines) <= at:
+        return lines
+    return lines[:at] + [f"... and {len(lines) - at} more images {what} (the first {at} above)"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -739,10 +811,11 @@ def build_caches(
         if len(weightless) == len(samples):
             raise DataError([f"every sample trains nothing: {why}, e.g. {names}"])
         report.warnings.append(f"{len(weightless)} sample(s) train nothing: {why}: {names}")
-    for s in (s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]):
-        report.warnings.append(
-            f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}"
-        )
+    small = [s for s in samples if 4 * s.size[0] * s.size[1] < s.bucket[0] * s.bucket[1]]
+    upscaled = [
+        f"{s.target} ({s.size[0]}x{s.size[1]}) is upscaled over 2x into {s.bucket}" for s in small
+    ]
+    report.warnings += capped(upscaled, "upscaled over 2x")
     return report
 
 
@@ -824,6 +897,21 @@ def _encode_latents(samples: list[Sample], status: dict[Path, bool], encode, pro
     return written
 
 
+def _caption_file(s: Sample, caption: str) -> str | None:
+    """Where a sample's caption was read: "X.txt (caption n)", the .txt of its target or of a
+    reference (captions on a reference set replace the target's)."""
+    for image in (s.target, *s.references):
+        txt = image.with_suffix(".txt")
+        try:
+            lines = [c.strip() for c in txt.read_text(encoding="utf-8-sig").split("\n")]
+        except (OSError, UnicodeDecodeError):
+            continue
+        lines = [c for c in lines if c]
+        if caption in lines:
+            return f"{txt} (caption {lines.index(caption) + 1})"
+    return None
+
+
 def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progress: bool) -> int:
     """The text-encoder pass: every missing text entry; an edit's text sees its references at
     bucket size (one image, or a list of them)."""
@@ -843,13 +931,9 @@ def _encode_texts(samples: list[Sample], status: dict[Path, bool], encode, progr
                 ref = [_load_fitted(r, sha, s.bucket) for r, sha in pairs]
                 ref, ref_of = ref[0] if len(ref) == 1 else ref, s
             with torch.inference_mode():
-                where = ""
-                if caption:  # the file and line it came from, where it has one
-                    txt = s.target.with_suffix(".txt")
-                    line = s.captions.index(caption) + 1
-                    where = (
-                        f"{txt} (caption {line})" if txt.exists() else f"the caption of {s.target}"
-                    )
+                where = f"the caption of {s.target}" if caption else ""
+                if caption:  # the file it came from (the target's, or a reference set's)
+                    where = _caption_file(s, caption) or where
                 t = encode(caption, ref if s.references else None, where)
             assert t.ndim == 3 and t.shape[0] == 1, (caption, t.shape)
             meta = {
@@ -1043,8 +1127,8 @@ def read_data(cfg: config.Config, cfg_dir: Path, device) -> tuple[Path, list, li
     """(checkpoint, datasets, samples, notes, validation set): every data problem surfaces here,
     first, then those of the checkpoint (its folder and flavour) and of the attention kernels; no
     model is loaded."""
-    datasets = parse_datasets(cfg.datasets, cfg_dir, cfg.aspect_bucket_alignment)
     notes = []
+    datasets = parse_datasets(cfg.datasets, cfg_dir, cfg.aspect_bucket_alignment, notes)
     samples = scan(datasets, notes)
     ckpt = config.resolve_checkpoint(cfg.pretrained_model_name_or_path, cfg_dir)
     flavour = M.read_flavour(ckpt)
@@ -1173,13 +1257,17 @@ def main(argv: list[str]) -> None:
         cfg = config.load_config(path, argv[1:])
         device = config.pick_device(cfg.device, "device =")
         ckpt, datasets, samples, notes, _ = read_data(cfg, path.resolve().parent, device)
+        world = int(os.environ.get("WORLD_SIZE", 1))  # as train.py will batch (torchrun sets it)
+        B, A = cfg.train_batch_size, cfg.gradient_accumulation_steps
+        notes += check_batches(samples, B, A, world)[0]  # a bucket too small; none fills: error
         prepare_data(cfg, ckpt, datasets, samples, notes, [], 0, device)
     except (ValueError, OSError) as e:
         pipeline.close_progress_bars()
         sys.exit("\n".join(f"error: {line}" for line in str(e).splitlines()))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # 130, as a shell reports Ctrl-C
         pipeline.close_progress_bars()
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

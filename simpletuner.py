@@ -151,8 +151,6 @@ KEYS = {
     "validation_lycoris_strength": ((1,), "warn", "validation applies the adapter at 1.0"),
     "validation_guidance_real": ((1,), "warn", "minicat's validation has no real-CFG pass"),
     "user_prompt_library": (None, "warn", "validation uses validation_prompt only"),
-    "ema_update_interval": (None, "warn", "minicat keeps no EMA"),
-    "ema_validation": (None, "warn", "minicat keeps no EMA"),
     "trust_remote_code": (None, "warn", "minicat runs no code from the hub"),
     "checkpoint_epoch_interval": (None, "warn", "minicat checkpoints every checkpointing_steps"),
     "validation_epoch_interval": (None, "warn", "minicat validates every validation_steps"),
@@ -178,7 +176,15 @@ KEYS = {
 # Top-level keys naming files and folders: a placeholder SimpleTuner leaves as it is is refused.
 PATH_KEYS = ("output_dir", "data_backend_config", "lycoris_config", "resume_from_checkpoint")
 # Keys minicat reads itself (not Config fields): config.py handles them.
-READ_HERE = ("data_backend_config", "attention_mechanism", "resolution", "resolution_type")
+READ_HERE = (
+    "data_backend_config",
+    "attention_mechanism",
+    "resolution",
+    "resolution_type",
+    "ema_validation",
+)
+# SimpleTuner's ema_validation -> what validation shows (validation_show)
+EMA_VALIDATION = {"none": ["trained"], "ema_only": ["ema"], "comparison": ["trained", "ema"]}
 
 # A dataset's keys minicat has no key for, as KEYS.
 DATASET_KEYS = {
@@ -387,6 +393,14 @@ def translate(raw: dict, path: Path, fields: set[str]) -> tuple[dict, list[str],
         "cosine_with_warmup"
     ):
         values["lr_scheduler"] = "cosine"  # SimpleTuner's alias (normalize_lr_scheduler_value)
+    if "ema_validation" in values:
+        view = values.pop("ema_validation")
+        if view not in EMA_VALIDATION:
+            problems.append(
+                f"{path}: ema_validation = {view!r}: one of {', '.join(EMA_VALIDATION)}"
+            )
+        elif "validation_show" not in values:
+            values["validation_show"] = EMA_VALIDATION[view]
     backend = values.pop("data_backend_config", None)
     defaults = {k: values.pop(k) for k in ("resolution", "resolution_type") if k in values}
     if "resolution" in defaults:  # checked here, so a bad one is named as the config's own key

@@ -337,9 +337,10 @@ def verify_checkpoint(path: Path, run: dict | None = None) -> str | None:
         return f"incomplete ({Path(e.filename).name} is missing)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
-    diff = [k for k in sorted(run or {}) if state.get("run", {}).get(k) != run[k]]
+    theirs = comparable(state.get("run", {}))
+    diff = [k for k in sorted(run or {}) if theirs.get(k) != run[k]]
     if diff:
-        there = state["run"].get(diff[0])
+        there = theirs.get(diff[0])
         return f"from another run ({diff[0]}: {there!r} there, {run.get(diff[0])!r} now)"
     return None
 
@@ -567,6 +568,8 @@ class OutputLock:
         self.out, self.fh = out, None
 
     def __enter__(self):
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"output_dir {self.out} is a file: choose a folder")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.fh = open(self.out / ".lock", "a+")
@@ -623,6 +626,7 @@ def start_over(out: Path, run: dict, cfg: config.Config) -> None:
                     "move aside), or choose another output_dir"
                 ) from None
             old = {"run.json": "damaged"}
+    old = comparable(old)
     diff = [k for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
     if not diff:
         if cfg.overwrite_output_dir and (out / "run.json").exists():
@@ -752,14 +756,27 @@ class LossLog:
 def run_identity(cfg: config.Config, ckpt: Path, world: int) -> dict:
     """What a checkpoint must share to be continued: the model, the LoRA's shape, the data and the
     batch (not where the caches live: entries are named by content)."""
-    sets = [{k: v for k, v in d.items() if not k.startswith("cache_dir")} for d in cfg.datasets]
     run = {k: getattr(cfg, k) for k in RUN_KEYS} | {
         "model": data.model_identity(ckpt),
         "world_size": world,
     }
     if cfg.lora_type == "lycoris":  # its settings, not where the file lies
         run["lycoris"] = json.loads(json.dumps(dataclasses.asdict(lokr_settings(cfg))))
-    return run | {"datasets": json.loads(json.dumps(sets, default=str))}
+    return comparable(run | {"datasets": json.loads(json.dumps(cfg.datasets, default=str))})
+
+
+def comparable(run: dict) -> dict:
+    """A run identity without where the data lies (folders, caches): a moved or re-spelled folder
+    (config.json's absolute paths) is the same run; data.json compares what the folders hold."""
+    where = ("instance_data_dir", "cache_dir_vae", "cache_dir_text")
+    sets = run.get("datasets")
+    if isinstance(sets, list):
+        sets = [
+            {k: v for k, v in d.items() if k not in where} if isinstance(d, dict) else d
+            for d in sets
+        ]
+        run = run | {"datasets": sets}
+    return run
 
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -993,7 +1010,7 @@ def claim_output_dir(
         for w in warnings:
             print(f"warning: {w}")
         if resume is not None:
-            check_same_data(out, manifest, cfg)
+            check_same_data(resume, manifest, cfg)
             note_changed_settings(resume, cfg)
     if dist.is_initialized():
         dist.barrier()
@@ -1012,6 +1029,10 @@ QUIET_ON_RESUME = {
     "checkpointing_steps",
     "checkpoints_total_limit",
     "resume_with_changed_data",
+    "output_dir",  # where the data, model and output lie: compared by content and identity
+    "datasets",
+    "pretrained_model_name_or_path",
+    "lycoris_config",
 }
 
 
@@ -1028,13 +1049,29 @@ def note_changed_settings(resume: Path, cfg: config.Config) -> None:
     ]
     if changed:
         print(f"note: resuming with settings changed since {resume.name}: " + ", ".join(changed))
+    kind = cfg.lr_scheduler.removesuffix("_with_warmup")
+    if before.get("max_train_steps", now["max_train_steps"]) != now["max_train_steps"] and (
+        kind != "constant"
+    ):
+        print(
+            f"note: max_train_steps {before['max_train_steps']} -> {now['max_train_steps']} with "
+            f"lr_scheduler {cfg.lr_scheduler!r}: the steps left follow the schedule stretched to "
+            f"{now['max_train_steps']} steps, so the run matches neither straight run (train "
+            "afresh, resume_from_checkpoint = none, for the longer schedule)"
+        )
 
 
-def check_same_data(out: Path, manifest: dict, cfg: config.Config) -> None:
-    """A resume goes on with the data the run began with: pairs added, removed or changed since are
-    named, and the run stops unless resume_with_changed_data = true (then the change is recorded in
-    data.json)."""
-    path = out / "data.json"
+def data_record(resume: Path) -> Path:
+    """The data.json of the run a checkpoint belongs to (its output_dir/checkpoints/step-N):
+    this output_dir's, or another's when resuming from a checkpoint elsewhere."""
+    return resume.parent.parent / "data.json"
+
+
+def check_same_data(resume: Path, manifest: dict, cfg: config.Config) -> None:
+    """A resume goes on with the data the checkpoint's run trained on: pairs added, removed or
+    changed since are named, and the run stops unless resume_with_changed_data = true (then the
+    change is recorded in data.json)."""
+    path = data_record(resume)
     if not path.exists():
         return  # a run from before data.json: nothing to compare with
     try:
@@ -1068,13 +1105,17 @@ def read_data_record(path: Path) -> dict:
     return record
 
 
-def record_data(out: Path, manifest: dict, step: int, untrained: list[str]) -> None:
+def record_data(
+    out: Path, manifest: dict, step: int, untrained: list[str], resume: Path | None
+) -> None:
     """data.json: the pairs this run trains on now, those of them it never trains (their bucket
-    fills no batch) and every change it was told to go on with."""
+    fills no batch) and every change it was told to go on with, from the record of the run it
+    resumes (which may lie in another output_dir)."""
     path = out / "data.json"
     record = {"pairs": manifest, "never_trained": untrained, "changes": []}
-    if path.exists() and step > 0:  # check_same_data read it; a new run's went aside (supersede)
-        before = read_data_record(path)
+    before = data_record(resume) if resume is not None else None
+    if before is not None and before.exists():  # check_same_data read it
+        before = read_data_record(before)
         record["changes"] = before.get("changes", [])
         changes = data.describe_changes(before["pairs"], manifest)
         if changes:
@@ -1084,14 +1125,50 @@ def record_data(out: Path, manifest: dict, step: int, untrained: list[str]) -> N
 
 
 def begin_log(
-    out: Path, run: dict, cfg: config.Config, step: int, resume: Path | None, note: str
+    out: Path,
+    run: dict,
+    cfg: config.Config,
+    cfg_dir: Path,
+    step: int,
+    resume: Path | None,
+    note: str,
 ) -> LossLog:
     """run.json, config.json and the loss log (cut back to `step`), by rank 0, which says what runs."""
     print(f"resumed from {resume} at step {step}; {note}" if resume else note)
     files.write_atomic(out / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2)), "")
-    resolved = json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
+    resolved = json.dumps(dataclasses.asdict(absolute_paths(cfg, cfg_dir)), indent=2, default=str)
     files.write_atomic(out / "config.json", lambda tmp: tmp.write_text(resolved), "")
     return LossLog(out / "loss.jsonl", step)
+
+
+def absolute_paths(cfg: config.Config, cfg_dir: Path) -> config.Config:
+    """The config with every path made absolute (they are relative to the config's folder), so
+    the config.json written into output_dir runs from there as it ran from here."""
+
+    def here(path: str) -> str:
+        return str((cfg_dir / Path(path).expanduser()).resolve()) if path else path
+
+    model = cfg.pretrained_model_name_or_path
+    if (cfg_dir / Path(model).expanduser()).exists():  # a folder, not a hub id or "tiny"
+        model = here(model)
+    refs = [
+        [here(r) for r in v] if isinstance(v, list) else here(v) for v in cfg.validation_reference
+    ]
+    folders = ("instance_data_dir", "cache_dir_vae", "cache_dir_text")
+    sets = [
+        {k: here(v) if k in folders and isinstance(v, str) else v for k, v in d.items()}
+        if isinstance(d, dict)
+        else d
+        for d in cfg.datasets
+    ]
+    return dataclasses.replace(
+        cfg,
+        output_dir=here(cfg.output_dir),
+        pretrained_model_name_or_path=model,
+        validation_reference=refs,
+        datasets=sets,
+        lycoris_config=here(cfg.lycoris_config) if cfg.lycoris_config else cfg.lycoris_config,
+    )
 
 
 def train(cfg: config.Config, cfg_dir: Path, config_file: Path | None = None) -> torch.nn.Module:
@@ -1139,8 +1216,8 @@ def train(cfg: config.Config, cfg_dir: Path, config_file: Path | None = None) ->
         note = f"{sum(p.numel() for p in params):,} LoRA parameters on {device} x {world}"
         log = None
         if rank == 0:
-            log = begin_log(out, run, cfg, step, resume, note)
-            record_data(out, manifest, step, untrained)
+            log = begin_log(out, run, cfg, cfg_dir, step, resume, note)
+            record_data(out, manifest, step, untrained, resume)
         if rank == 0 and val and step == 0:
             tracker.image(0, run_validation(transformer, models, val, cfg, 0, out, ema))
         bar = tqdm(

@@ -291,14 +291,53 @@ def test_an_edit_set_with_no_reference_at_all_is_an_error_naming_every_target(tm
     assert "a.png" in line and "c.png" in line and "no reference of the same name" in line, line
 
 
-def test_all_missing_captions_are_listed(tmp_path):
-    cfg = edit_config(tmp_path, {"a.png": (64, 64), "b.png": (64, 64), "c.png": (64, 64)})
+def test_all_missing_captions_are_listed_each_with_why(tmp_path):
+    """Missing, blank, UTF-16 without a BOM (valid UTF-8 full of NULs), latin-1: each named with
+    its own reason. Catches a NUL-riddled caption trained as text, or one reason for all."""
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    cfg = edit_config(tmp_path, {n: (64, 64) for n in names})
     (tmp_path / "edit/a.txt").unlink()
     (tmp_path / "edit/c.txt").write_text("  \n")
+    (tmp_path / "edit/d.txt").write_bytes("make it blue".encode("utf-16-le"))
+    (tmp_path / "edit/e.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(data.DataError) as e:
         data.scan(parse(cfg, tmp_path))
     (line,) = e.value.problems
-    assert "a.png" in line and "c.png" in line and "b.png" not in line, line
+    assert line == (
+        "dataset 'edits': 4 without a caption: a.png (no a.txt), c.png (c.txt is empty), d.png "
+        "(d.txt holds NUL or control characters (UTF-16 without a BOM?)), e.png (e.txt is not "
+        "UTF-8)"
+    ), line
+
+
+def test_captions_are_lines_split_at_newlines_only(tmp_path):
+    """SimpleTuner splits a caption file at "\\n"; U+2028 (a paste from a web page) is no line
+    break there. Catches str.splitlines, which makes two captions of one."""
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)})
+    (tmp_path / "edit/a.txt").write_text("make it\u2028blue\r\nrecolour it\n", newline="")
+    (sample,) = data.scan(parse(cfg, tmp_path))
+    assert sample.captions == ["make it\u2028blue", "recolour it"], sample.captions
+
+
+def test_keys_with_no_effect_are_named_and_a_disabled_reference_too(tmp_path):
+    """A reference set's own repeats and size, an instance_prompt beside textfile captions, mask
+    settings without mask: one note each. A disabled set named in conditioning_data is named as
+    disabled. Catches keys silently ignored, and "no dataset 'refs'" for one that is there."""
+    cfg = edit_config(tmp_path, {"a.png": (64, 64)}, instance_prompt="x", mask_floor=0.5)
+    cfg[1].update(repeats=3, resolution=512)
+    notes = []
+    data.parse_datasets(cfg, tmp_path, 64, notes)
+    assert notes == [
+        "dataset 'edits': instance_prompt is not used: caption_strategy is 'textfile' (set it to "
+        "'instanceprompt' to use it)",
+        "dataset 'edits': mask_floor not used: they tune mask = 'difference'",
+        "dataset 'refs': repeats is not used: a reference follows its target's",
+        f"dataset 'refs': resolution 512 is not used: a reference is fitted into its target's "
+        f"bucket (resolution {RES})",
+    ], notes
+    cfg[1]["disabled"] = True
+    with pytest.raises(data.DataError, match="names dataset 'refs', which is disabled"):
+        parse(cfg, tmp_path)
 
 
 def test_unknown_key_names_it_and_the_closest_valid_one(tmp_path):
@@ -657,6 +696,13 @@ def test_data_py_runs_on_the_tiny_example_config(tmp_path):
     assert "6 samples; cache entries:" in proc.stdout and (tmp_path / "xdg/minicat").is_dir(), (
         proc.stdout
     )
+    # the batch train.py will draw: buckets of 2 fill no batch of 4, as train.py would stop
+    proc = run_script(
+        ROOT / "data.py", ROOT / "examples/tiny.toml", "--train_batch_size=4", env=env, check=False
+    )
+    assert proc.returncode == 1 and "error: no bucket fills a batch of train_batch_size 4" in (
+        proc.stderr
+    ), proc.stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -698,6 +744,12 @@ def test_a_caption_is_named_to_the_text_encoder_by_its_file_and_place(tmp_path):
     build(cfg, tmp_path, enc)
     txt = tmp_path / "edit/a.txt"
     assert sorted(seen) == ["", f"{txt} (caption 1)", f"{txt} (caption 2)"], seen
+    # captions on the reference set replace the target's: their file is named
+    (tmp_path / "ref/a.txt").write_text("from the reference")
+    cfg[1]["caption_strategy"] = "textfile"
+    seen.clear()
+    build(cfg, tmp_path, enc)
+    assert seen == [f"{tmp_path / 'ref/a.txt'} (caption 1)"], seen
 
 
 def test_reference_captions_replace_the_instructions_with_a_warning(tmp_path):
@@ -786,3 +838,14 @@ def test_images_cut_beyond_a_fifth_or_scaled_unlike_their_target_are_named(tmp_p
     assert "keeping 12% of it" in text or "keeping 13% of it" in text, text
     assert f"{tmp_path / 'ref/tiny_ref.png'}: the reference is 1x1" in text, text
     assert "fine.png" not in text, text
+
+
+def test_many_like_notes_are_capped_with_a_count():
+    """180 cropped images gave 180 lines; the report keeps 20 and counts the rest. Catches the
+    count off by the shown ones, or a cap that drops lines without a word."""
+    lines = [f"{i}.png: cropped" for i in range(25)]
+    assert data.capped(lines, "cropped") == [
+        *lines[:20],
+        "... and 5 more images cropped (the first 20 above)",
+    ]
+    assert data.capped(lines[:20], "cropped") == lines[:20]

@@ -3,6 +3,7 @@ made to happen on the tiny model: an output_dir in a dataset, starting over in a
 changed data on resume, foreign folders among the checkpoints, a checkpoint past max_train_steps,
 leftovers of killed runs, offload with an 8-bit base."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from unittest.mock import Mock
 import pytest
 from test_train import EXAMPLES, fails, lora_of, losses, same_lora, write_config
 
+import config
 import files
 import train
 
@@ -336,3 +338,56 @@ def test_an_output_dir_that_cannot_be_made_is_one_line_with_the_way_on(tiny_edit
     assert f"output_dir {tmp_path / 'file/out'}: cannot write there (Not a directory)" in message
     assert "choose a folder you can write" in message and "\n" not in message, message
     assert (tmp_path / "file").read_text() == "mine"
+    message = fails([write_config(tmp_path, tiny_edit), f"--output_dir={tmp_path / 'file'}"])
+    assert message == f"error: output_dir {tmp_path / 'file'} is a file: choose a folder", message
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_the_config_json_a_run_wrote_runs_from_anywhere_with_relative_paths(tiny_edit, tmp_path):
+    """The config says "pairs/edit", "cache/...", output_dir "out", relative to its folder; the
+    config.json written into out/ holds them absolute, so running it (from another folder) resumes
+    the same run. Catches the paths read against out/ (the data "not a folder", or a new run
+    nested in out/out)."""
+    copy_pairs(tmp_path / "pairs")
+    cfg = Path(write_config(tmp_path, tiny_edit, pairs=Path("pairs"), cache=Path("cache")))
+    cfg.write_text(cfg.read_text().replace(f'"{tmp_path / "out"}"', '"out"'))
+    train.main([str(cfg), "--max_train_steps=2", "--checkpointing_steps=2"])
+    written = json.loads((tmp_path / "out/config.json").read_text())
+    assert written["output_dir"] == str(tmp_path / "out"), written["output_dir"]
+    assert written["datasets"][0]["instance_data_dir"] == str(tmp_path / "pairs/edit")
+    train.main([str(tmp_path / "out/config.json"), "--max_train_steps=4"])
+    assert [r["step"] for r in losses(tmp_path / "out")] == [1, 2, 3, 4]
+    assert not (tmp_path / "out/out").exists()
+
+
+def test_a_checkpoint_of_another_output_dir_is_held_to_its_own_runs_data(tiny_edit, tmp_path):
+    """Resuming d2 from d1's checkpoint after a pair was removed: the change is named as it is in
+    d1 itself, and going on on purpose is recorded in d2's data.json. Catches the data check
+    skipped because d2 has no data.json yet (a record claiming the new data from step 0)."""
+    pairs = copy_pairs(tmp_path / "pairs")
+    first = write_config(tmp_path / "d1", tiny_edit, pairs=pairs, max_train_steps=2)
+    train.main([first, "--checkpointing_steps=2"])
+    for p in [*pairs.glob("edit/sun.*"), *pairs.glob("ref/sun.*")]:
+        p.unlink()
+    second = write_config(tmp_path / "d2", tiny_edit, pairs=pairs, max_train_steps=4)
+    step2 = tmp_path / "d1/out/checkpoints/step-000002"
+    message = fails([second, f"--resume_from_checkpoint={step2}"])
+    assert "the data changed since this run began: dataset 'edit': 1 pair(s) removed (sun)" in (
+        message
+    ), message
+    train.main([second, f"--resume_from_checkpoint={step2}", "--resume_with_changed_data=true"])
+    record = json.loads((tmp_path / "d2/out/data.json").read_text())
+    assert record["changes"] == [
+        {"at_step": 2, "changes": ["dataset 'edit': 1 pair(s) removed (sun)"]}
+    ]
+
+
+def test_a_longer_run_on_a_decaying_schedule_is_said_to_match_neither(tmp_path, capsys):
+    """Catches a silent re-stretch of the cosine over the new max_train_steps."""
+    cfg = config.Config(lr_scheduler="cosine", max_train_steps=2)
+    (tmp_path / "state.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
+    train.note_changed_settings(tmp_path, dataclasses.replace(cfg, max_train_steps=4))
+    said = capsys.readouterr().out
+    assert "max_train_steps 2 -> 4 with lr_scheduler 'cosine'" in said, said
+    train.note_changed_settings(tmp_path, dataclasses.replace(cfg, lr_scheduler="constant"))
+    assert "max_train_steps" not in capsys.readouterr().out  # a constant rate is the same

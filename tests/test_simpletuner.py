@@ -333,3 +333,16 @@ def test_a_bad_top_level_resolution_is_the_configs_own_key(tmp_path):
         ], lines
     path.write_text(json.dumps({"data_backend_config": "sets.json", "resolution": "512"}))
     assert [d["resolution"] for d in load(path).datasets] == [512, 512]
+
+
+def test_ema_validation_is_what_validation_shows(tmp_path, capsys):
+    """SimpleTuner's ema_validation = "comparison" shows the trained and the EMA adapter side by
+    side. Catches it dropped with a false "minicat keeps no EMA" warning."""
+    path = tmp_path / "config.json"
+    for view, shown in (("comparison", ["trained", "ema"]), ("ema_only", ["ema"])):
+        path.write_text(json.dumps({"use_ema": "true", "ema_validation": view, "datasets": []}))
+        assert load(path).validation_show == shown
+    assert "keeps no EMA" not in capsys.readouterr().err
+    path.write_text(json.dumps({"use_ema": True, "ema_validation": "both", "datasets": []}))
+    with pytest.raises(ValueError, match="ema_validation = 'both': one of none, ema_only"):
+        load(path)
