@@ -437,7 +437,12 @@ def _captions(ds: DatasetConfig, path: Path) -> list[str]:
         return []
     if CONTROL.search(text):  # NULs: UTF-16 without a BOM reads as "m\0a\0k\0e" in UTF-8
         return []
-    # one caption per line, as SimpleTuner: "\n" only (str.splitlines also splits at U+2028, \x85 ...)
+    return _caption_lines(text)
+
+
+def _caption_lines(text: str) -> list[str]:
+    """One caption per non-empty line, as SimpleTuner: split at "\n" only (str.splitlines also
+    splits at U+2028, \x85 ...)."""
     return [s.strip() for s in text.split("\n") if s.strip()]
 
 
@@ -903,10 +908,9 @@ def _caption_file(s: Sample, caption: str) -> str | None:
     for image in (s.target, *s.references):
         txt = image.with_suffix(".txt")
         try:
-            lines = [c.strip() for c in txt.read_text(encoding="utf-8-sig").split("\n")]
+            lines = _caption_lines(txt.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError):
             continue
-        lines = [c for c in lines if c]
         if caption in lines:
             return f"{txt} (caption {lines.index(caption) + 1})"
     return None
@@ -977,13 +981,13 @@ def check_batches(
         f"train_batch_size {batch_size} x gradient_accumulation_steps {accumulation} x "
         f"{world} GPU(s) = {need}"
     )
-    short = []
-    for (refs, w, h), group in sorted(batch_groups(samples).items()):
+    short, groups = [], batch_groups(samples)
+    for (refs, w, h), group in sorted(groups.items()):
         count = sum(samples[i].repeats + 1 for i in group)
         if count < need:
             names = [str(samples[i].target) for i in group]
             short.append((f"{w}x{h} with {refs} reference(s)", count, names))
-    if len(short) == len(batch_groups(samples)):
+    if len(short) == len(groups):
         sizes = ", ".join(f"{where}: {count}" for where, count, _ in short)
         raise DataError(
             [

@@ -807,19 +807,30 @@ def lokr_settings(cfg: config.Config) -> lora.LoKrSettings:
     return settings
 
 
+def inject_adapter(transformer: M.LongCatTransformer, cfg: config.Config) -> None:
+    """The config's adapter on the transformer: LoKr (lora_type = "lycoris") or LoRA."""
+    if cfg.lora_type == "lycoris":
+        lora.inject_lokr(transformer, lokr_settings(cfg))
+    else:
+        lora.inject_lora(
+            transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout
+        )
+
+
 def check_adapter(cfg: config.Config, ckpt: Path) -> None:
     """Put the adapter on the model's shape, on the meta device (no weights, no memory), so targets
     that match nothing stop the run before any caching, naming the key."""
     with torch.device("meta"):
         transformer = M.LongCatTransformer(M.read_transformer_config(ckpt))
         try:
-            if cfg.lora_type == "lycoris":
-                lora.inject_lokr(transformer, lokr_settings(cfg))
-            else:
-                lora.inject_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+            inject_adapter(transformer, cfg)
         except ValueError as e:
-            key = f"lycoris_config {cfg.lycoris_config}" if cfg.lora_type == "lycoris" else None
-            key = key or f"lora_targets = {cfg.lora_targets}"
+            lokr = cfg.lora_type == "lycoris"
+            key = (
+                f"lycoris_config {cfg.lycoris_config}"
+                if lokr
+                else f"lora_targets = {cfg.lora_targets}"
+            )
             raise ValueError(f"{key}: {e}") from None
 
 
@@ -831,12 +842,7 @@ def build_transformer(cfg: config.Config, ckpt: Path, device: torch.device):
         transformer.gradient_checkpointing = cfg.gradient_checkpointing
         transformer.checkpoint_keep_attention = cfg.checkpoint_keep_attention
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
-        if cfg.lora_type == "lycoris":
-            lora.inject_lokr(transformer, lokr_settings(cfg))
-        else:
-            lora.inject_lora(
-                transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout
-            )
+        inject_adapter(transformer, cfg)
         lora.mark_only_lora_as_trainable(transformer)
 
     transformer = pipeline.build_transformer(
@@ -1113,10 +1119,10 @@ def record_data(
     resumes (which may lie in another output_dir)."""
     path = out / "data.json"
     record = {"pairs": manifest, "never_trained": untrained, "changes": []}
-    before = data_record(resume) if resume is not None else None
-    if before is not None and before.exists():  # check_same_data read it
-        before = read_data_record(before)
-        record["changes"] = before.get("changes", [])
+    source = data_record(resume) if resume is not None else None
+    if source is not None and source.exists():  # check_same_data has read it
+        before = read_data_record(source)
+        record["changes"] = before["changes"]
         changes = data.describe_changes(before["pairs"], manifest)
         if changes:
             record["changes"].append({"at_step": step, "changes": changes})
